@@ -1,0 +1,118 @@
+"""One layer-by-layer calibration driver for every calibrated pass (GPTQ, AWQ, SmoothQuant, Wanda,
+SparseGPT).
+
+It catches the inputs of decoder layer 0 once, then for each layer: moves it to the compute
+device, lets the pass calibrate and compress it (the pass registers its own hooks and calls
+`forward()` to stream the calibration samples through the layer), and re-runs the compressed
+layer so the next layer sees compressed outputs. Layers wait on the offload device (CPU), so
+peak accelerator memory is about one layer plus the activations.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.adapters import adapter_for
+
+@dataclass
+class CalibrationData:
+    """What a calibrated pass receives: token samples [n, seq_len] and how to stream them."""
+
+    samples: torch.Tensor
+    batch_size: int = 8
+    device: str | None = None     # compute device for one layer at a time; None: the model's
+
+
+# compress_layer(index, layer, forward) -> None; `forward()` runs every sample through `layer`.
+LayerFn = Callable[[int, nn.Module, Callable[[], None]], None]
+
+
+class _CaughtInputs(Exception):
+    """Raised by the hook on layer 0 to stop the forward once its inputs are caught."""
+
+
+def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.device,
+                         batch_size: int) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering decoder layer 0 (one tensor per batch) and the layer's kwargs."""
+    adapter = adapter_for(model)
+    first = adapter.layers(model)[0]
+    inputs, kwargs_seen = [], {}
+
+    def catch(_module, args, kwargs):
+        inputs.append(args[0] if args else kwargs.pop("hidden_states"))
+        kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _CaughtInputs
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with _pre_layer_modules_on(model, device):
+            for batch in samples.split(batch_size):
+                try:
+                    model(batch.to(device), use_cache=False)
+                except _CaughtInputs:
+                    pass
+    finally:
+        handle.remove()
+    # Caches are not wanted while calibrating; every batch shares positions (no padding).
+    kwargs_seen.pop("past_key_values", None)
+    kwargs_seen["use_cache"] = False
+    return inputs, kwargs_seen
+
+
+@torch.no_grad()
+def run_layerwise(model: nn.Module, samples: torch.Tensor, compress_layer: LayerFn,
+                  device: str | torch.device | None = None, batch_size: int = 8,
+                  desc: str = "layers") -> list[torch.Tensor]:
+    """Compress every decoder layer in order; returns the final hidden states (per batch)."""
+    device = torch.device(device or next(model.parameters()).device)
+    offload = next(model.parameters()).device
+    hidden, kwargs = capture_layer_inputs(model, samples, device, batch_size)
+    layers = adapter_for(model).layers(model)
+    for index in tqdm(range(len(layers)), desc=desc, leave=False):
+        layer = layers[index].to(device)
+
+        def forward(layer=layer):
+            for h in hidden:
+                layer(h, **kwargs)
+
+        compress_layer(index, layer, forward)
+        hidden = [_first(layer(h, **kwargs)) for h in hidden]
+        layers[index] = layer.to(offload)
+    return hidden
+
+
+def collect_linear_inputs(modules: dict[str, nn.Module], forward: Callable[[], None],
+                          accumulate: Callable[[str, torch.Tensor], None]) -> None:
+    """Run `forward()` once with hooks that pass each module's 2-D input to `accumulate`."""
+    handles = [module.register_forward_pre_hook(
+        lambda _m, args, name=name: accumulate(name, args[0].reshape(-1, args[0].shape[-1])))
+        for name, module in modules.items()]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def _pre_layer_modules_on(model: nn.Module, device: torch.device):
+    """Embeddings and rotary tables on the compute device while catching layer-0 inputs."""
+    adapter = adapter_for(model)
+    moved = [model.get_submodule(p) for p in (adapter.embed_path, adapter.rotary_path)]
+    homes = [next(m.parameters(), next(m.buffers(), None)).device for m in moved]
+    for module in moved:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(moved, homes):
+            module.to(home)

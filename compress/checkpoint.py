@@ -1,0 +1,152 @@
+"""Compressed checkpoints: safetensors weights + HF config + tokenizer + compress.json.
+
+compress.json holds the resolved recipe, the provenance, the package version and the spec of
+every quantized module, so that `load_checkpoint` rebuilds the exact modules and reloads the
+exact bytes. Writes go to a temporary folder beside the output, moved into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import compress
+from compress.adapters import set_submodule
+from compress.errors import UserError
+from compress.formats import FORMATS
+from compress.formats.base import QuantizedLinear
+
+WEIGHTS = "model.safetensors"
+META = "compress.json"
+
+
+def check_output(out_dir: str, overwrite: bool) -> None:
+    """Fail before any work when the output exists and may not be replaced."""
+    if os.path.exists(out_dir) and not overwrite:
+        raise UserError(f"output {out_dir} exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str, overwrite: bool):
+    """Yield a temporary folder; on success it replaces `out_dir`, on failure it is removed."""
+    out_dir = os.path.abspath(out_dir)
+    check_output(out_dir, overwrite)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        _default_permissions(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(out_dir):
+        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+        os.replace(out_dir, os.path.join(trash, "old"))
+        os.replace(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _default_permissions(folder: str) -> None:
+    """mkdtemp/mkstemp create private files; give the output the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
+def write_checkpoint(model: nn.Module, tokenizer, folder: str, recipe: dict | None,
+                     provenance: dict) -> None:
+    """Write a checkpoint into an existing (temporary) folder."""
+    state = _unique_state_dict(model)
+    save_file(state, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    meta = {
+        "compress_version": compress.__version__,
+        "dtype": str(_float_dtype(model)).removeprefix("torch."),
+        "recipe": recipe,
+        "provenance": provenance,
+        "modules": {name: module.spec() for name, module in model.named_modules()
+                    if isinstance(module, QuantizedLinear)},
+    }
+    with open(os.path.join(folder, META), "w") as handle:
+        json.dump(meta, handle, indent=2)
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str, recipe: dict | None,
+                    provenance: dict, overwrite: bool = False) -> None:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        write_checkpoint(model, tokenizer, tmp, recipe, provenance)
+
+
+def read_meta(folder: str) -> dict:
+    with open(os.path.join(folder, META)) as handle:
+        return json.load(handle)
+
+
+def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
+    """Rebuild the model of `folder` with its saved modules and bytes. Returns a `Loaded`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from compress.sources import Loaded
+
+    meta = read_meta(folder)
+    saved_dtype = getattr(torch, meta["dtype"])
+    config = AutoConfig.from_pretrained(folder)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
+    for name, spec in meta["modules"].items():
+        if spec["format"] not in FORMATS:
+            raise UserError(f"checkpoint {folder} uses format {spec['format']!r}, unknown to "
+                            f"compress {compress.__version__}; known: {', '.join(FORMATS)}")
+        set_submodule(model, name, FORMATS[spec["format"]].from_spec(spec, saved_dtype))
+    state = load_file(os.path.join(folder, WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_names(model)
+    if unexpected or set(missing) - tied:
+        raise UserError(f"checkpoint {folder} does not match its config: missing "
+                        f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    if dtype is not None and dtype != saved_dtype:
+        model.to(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if os.path.exists(
+        os.path.join(folder, "tokenizer_config.json")) else None
+    provenance = dict(meta["provenance"], checkpoint=os.path.abspath(folder),
+                      recipe=meta["recipe"])
+    return Loaded(model.eval(), tokenizer, provenance)
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the second name of tied tensors (safetensors refuses shared storage)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)
+            if name.endswith("lm_head.weight")} | {"lm_head.weight"}
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -1,0 +1,45 @@
+"""CLI sub-commands, one module each, plus the options they share."""
+from __future__ import annotations
+
+import torch
+
+from compress.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_options(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="float dtype (default: float32 on cpu, bfloat16 on cuda)")
+
+
+def add_eval_options(parser) -> None:
+    parser.add_argument("--corpus", default=None,
+                        help="pydoc (default), wikitext, a .txt/.jsonl/.parquet file, or a hub dataset")
+    parser.add_argument("--windows", type=int, default=None,
+                        help="evaluation windows (default: the corpus protocol, 20 for pydoc)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="evaluation window length (default: the corpus protocol)")
+    parser.add_argument("--batch-size", type=int, default=1, help="evaluation batch size")
+
+
+def resolve_dtype(args) -> torch.dtype:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {args.device!r} asked but CUDA is not available; allowed: cpu")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise UserError(f"unknown device {args.device!r}; allowed: cpu, cuda, cuda:N")
+    if args.dtype:
+        return DTYPES[args.dtype]
+    return torch.float32 if args.device == "cpu" else torch.bfloat16
+
+
+def apply_eval_options(recipe, args) -> None:
+    """CLI evaluation flags override the recipe's evaluation section."""
+    if args.windows is not None:
+        recipe.evaluation.windows = args.windows
+    if args.seq_len is not None:
+        recipe.evaluation.seq_len = args.seq_len
+    recipe.evaluation.batch_size = args.batch_size
+    if args.corpus:
+        recipe.corpus = args.corpus

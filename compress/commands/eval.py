@@ -1,0 +1,32 @@
+"""`compress eval MODEL_OR_DIR [--out results.json]`: perplexity and weight memory."""
+from __future__ import annotations
+
+from compress.commands import add_eval_options, add_model_options, resolve_dtype
+from compress.commands.quantize import print_summary
+from compress.pipeline import Session, evaluate
+from compress.recipe import EvaluationSettings
+from evaluate.results import write_json
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model or a compressed checkpoint",
+                              description="Perplexity (PROTOCOL.md) and weight bytes of a model.")
+    p.add_argument("model", help="smollm2-135m, random:<shape>, a checkpoint folder, a .gguf "
+                                 "file or a hub id")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    add_eval_options(p)
+    add_model_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    session = Session.open(args.model, args.corpus or "pydoc", args.device, resolve_dtype(args))
+    settings = EvaluationSettings(windows=args.windows, seq_len=args.seq_len,
+                                  batch_size=args.batch_size)
+    recipe = session.loaded.provenance.get("recipe")
+    results = evaluate(session, session.loaded.model, settings, recipe)
+    if args.out:
+        write_json(results, args.out)
+        print(f"wrote {args.out}")
+    print_summary(results)
+    return 0

@@ -1,0 +1,108 @@
+"""Corpora and their fixed splits (PROTOCOL.md): evaluation windows and calibration samples.
+
+`pydoc` ships with every Python; local .txt/.jsonl/.parquet files go through `datasets`;
+any other name is a hub dataset (`wikitext` is wikitext-2-raw-v1).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from compress.errors import UserError
+
+CORPUS_HELP = "pydoc, wikitext, a local .txt/.jsonl/.parquet file, or a hub dataset name[:config]"
+# Protocol defaults per corpus: evaluation window length and count (None: every full window).
+EVAL_DEFAULTS = {"pydoc": (1024, 20), "wikitext": (2048, None)}
+LOCAL_DEFAULTS = (1024, 20)
+HUB_ALIASES = {"wikitext": ("wikitext", "wikitext-2-raw-v1")}
+
+
+@dataclass
+class TokenizedCorpus:
+    name: str
+    eval_ids: torch.Tensor       # 1-D token ids; evaluation windows start at 0
+    calib_ids: torch.Tensor      # 1-D token ids; calibration samples start at 0
+    calib_source: str            # how calib_ids relates to eval_ids, for the report
+
+
+def eval_defaults(corpus: str) -> tuple[int, int | None]:
+    return EVAL_DEFAULTS.get(corpus, LOCAL_DEFAULTS)
+
+
+def load_corpus(name: str, tokenizer) -> TokenizedCorpus:
+    eval_text, calib_text = _texts(name)
+    eval_ids = _tokenize(tokenizer, eval_text)
+    if calib_text is None:
+        # One stream: calibration from the second half, evaluation from the start (PROTOCOL.md).
+        half = len(eval_ids) // 2
+        return TokenizedCorpus(name, eval_ids[:half], eval_ids[half:], "second half of the stream")
+    return TokenizedCorpus(name, eval_ids, _tokenize(tokenizer, calib_text), "train split")
+
+
+def eval_windows(corpus: TokenizedCorpus, seq_len: int, count: int | None) -> torch.Tensor:
+    """The first `count` non-overlapping windows of `seq_len` tokens: [count, seq_len]."""
+    available = len(corpus.eval_ids) // seq_len
+    count = available if count is None else count
+    if count < 1 or count > available:
+        raise UserError(f"corpus {corpus.name!r} has {available} evaluation windows of {seq_len} "
+                        f"tokens; asked for {count}")
+    return corpus.eval_ids[: count * seq_len].view(count, seq_len)
+
+
+def calibration_samples(corpus: TokenizedCorpus, count: int, seq_len: int) -> torch.Tensor:
+    """`count` consecutive non-overlapping samples of `seq_len` tokens: [count, seq_len]."""
+    if count * seq_len > len(corpus.calib_ids):
+        raise UserError(f"corpus {corpus.name!r} has {len(corpus.calib_ids)} calibration tokens; "
+                        f"{count} x {seq_len} asked")
+    return corpus.calib_ids[: count * seq_len].view(count, seq_len)
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+
+def _texts(name: str) -> tuple[str, str | None]:
+    """(evaluation text, calibration text or None when both come from one stream)."""
+    if name == "pydoc":
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[k] for k in sorted(topics)), None
+    if os.path.isfile(name):
+        return _local_text(name), None
+    if name.endswith((".txt", ".jsonl", ".json", ".parquet")) or name.startswith((".", "/")):
+        raise UserError(f"corpus file {name!r} does not exist; allowed: {CORPUS_HELP}")
+    return _hub_texts(name)
+
+
+def _local_text(path: str) -> str:
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    ext = os.path.splitext(path)[1]
+    if ext not in kinds:
+        raise UserError(f"corpus file {path!r} has an unsupported extension; allowed: "
+                        ".txt, .jsonl, .json, .parquet")
+    import datasets
+
+    table = datasets.load_dataset(kinds[ext], data_files=path, split="train")
+    if "text" not in table.column_names:
+        raise UserError(f"corpus file {path!r} has no 'text' column; columns: "
+                        f"{', '.join(table.column_names)}")
+    return "\n\n".join(table["text"])
+
+
+def _hub_texts(name: str) -> tuple[str, str]:
+    import datasets
+
+    path, config = HUB_ALIASES.get(name, (name.split(":")[0], (name.split(":") + [None])[1]))
+    try:
+        test = datasets.load_dataset(path, config, split="test")
+        train = datasets.load_dataset(path, config, split="train")
+    except Exception as exc:  # datasets raises many types for an unreachable hub
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"could not load corpus {name!r} from the hub (is it reachable?): {first}; "
+                        f"allowed: {CORPUS_HELP}") from exc
+    return "\n\n".join(test["text"]), "\n\n".join(train["text"])

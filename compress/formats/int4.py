@@ -1,0 +1,64 @@
+"""Int4 weight-only linear layer: two 4-bit codes per byte, group-wise scales and zero points.
+
+Storage: `qweight` uint8 [out, in/2], column 2j in the low nibble and 2j+1 in the high one;
+`scales` [out, groups] in the model dtype; `zeros` uint8 [out, groups] (asymmetric only; the
+symmetric zero point is 8). The forward here is the reference (dequantize, matmul); fast GPU
+kernels build their own layouts from these buffers.
+"""
+from __future__ import annotations
+
+import torch
+
+from compress.formats import grid
+from compress.formats.base import QuantizedLinear
+
+SYMMETRIC_ZERO = 8
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes in [0, 15] -> [out, in/2] bytes. `in` must be even."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even input width, got {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: [out, in/2] bytes -> [out, in] codes in [0, 15] (uint8)."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+class Int4Linear(QuantizedLinear):
+    format = "int4"
+
+    def _register_storage(self, dtype: torch.dtype) -> None:
+        groups = grid.group_count(self.in_features, self.group_size)
+        self.register_buffer("qweight", torch.zeros(self.out_features, self.in_features // 2,
+                                                    dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(self.out_features, groups, dtype=dtype))
+        self.register_buffer("zeros", None if self.symmetric else
+                             torch.zeros(self.out_features, groups, dtype=torch.uint8))
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                   symmetric: bool, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int4Linear":
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, 4, group_size, symmetric, bias is not None, dtype)
+        layer.qweight.copy_(pack_int4(q))
+        layer.scales.copy_(scale.to(dtype))
+        if not symmetric:
+            layer.zeros.copy_(zero.to(torch.uint8))
+        if bias is not None:
+            layer.bias.data.copy_(bias.to(dtype))
+        return layer.to(q.device)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q = unpack_int4(self.qweight)
+        zero = (torch.full_like(self.scales, SYMMETRIC_ZERO, dtype=torch.uint8) if self.symmetric
+                else self.zeros)
+        return q, zero
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        q, zero = self.codes()
+        return grid.dequantize(q, self.scales, zero, self.group_size, dtype or self.scales.dtype)

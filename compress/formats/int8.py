@@ -1,0 +1,60 @@
+"""Int8 weight-only linear layer: int8 codes, per-group scales, optional zero points.
+
+Storage: `qweight` int8 [out, in] holding (q - 128); `scales` [out, groups] in the model dtype;
+`zeros` [out, groups] (asymmetric only) holding (zero - 128). Symmetric per-channel layers run
+`torch._weight_int8pack_mm` (CPU and CUDA); the rest run the reference (dequantize, matmul).
+"""
+from __future__ import annotations
+
+import torch
+
+from compress.formats import grid
+from compress.formats.base import QuantizedLinear
+
+OFFSET = 128
+
+
+class Int8Linear(QuantizedLinear):
+    format = "int8"
+
+    def _register_storage(self, dtype: torch.dtype) -> None:
+        groups = grid.group_count(self.in_features, self.group_size)
+        self.register_buffer("qweight", torch.zeros(self.out_features, self.in_features,
+                                                    dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(self.out_features, groups, dtype=dtype))
+        self.register_buffer("zeros", None if self.symmetric else
+                             torch.zeros(self.out_features, groups, dtype=torch.int8))
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                   symmetric: bool, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int8Linear":
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, 8, group_size, symmetric, bias is not None, dtype)
+        layer.qweight.copy_((q.to(torch.int16) - OFFSET).to(torch.int8))
+        layer.scales.copy_(scale.to(dtype))
+        if not symmetric:
+            layer.zeros.copy_((zero.to(torch.int16) - OFFSET).to(torch.int8))
+        if bias is not None:
+            layer.bias.data.copy_(bias.to(dtype))
+        return layer.to(q.device)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, zero) as unsigned codes, the inverse of `from_codes`."""
+        q = self.qweight.to(torch.int16) + OFFSET
+        zero = (torch.full_like(self.scales, OFFSET, dtype=torch.int16) if self.symmetric
+                else self.zeros.to(torch.int16) + OFFSET)
+        return q, zero
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        q, zero = self.codes()
+        return grid.dequantize(q, self.scales, zero, self.group_size, dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric and self.group_size == 0 and x.dtype == self.scales.dtype:
+            self.kernel = "torch._weight_int8pack_mm"
+            flat = x.reshape(-1, self.in_features)
+            out = torch._weight_int8pack_mm(flat, self.qweight, self.scales[:, 0])
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
+        self.kernel = "reference"
+        return self.reference_forward(x)

@@ -1,0 +1,103 @@
+"""Orchestration shared by the CLI sub-commands: load, calibrate, apply, save, evaluate.
+
+Algorithms never see this module's arguments; they get a model, a config and calibration data.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from compress.calibration import CalibrationData
+from compress.checkpoint import atomic_output_dir, write_checkpoint
+from compress.data import (TokenizedCorpus, calibration_samples, eval_defaults, eval_windows,
+                           load_corpus)
+from compress.recipe import EvaluationSettings, Recipe, apply_recipe
+from compress.sources import Loaded, load_model
+from evaluate.memory import parameter_count, weight_bytes
+from evaluate.perplexity import perplexity
+from evaluate.results import build_results, write_json
+
+
+@dataclass
+class Session:
+    """A loaded source model and its tokenized corpus, reused across recipes."""
+
+    loaded: Loaded
+    corpus: TokenizedCorpus
+    device: str
+
+    @classmethod
+    def open(cls, source: str, corpus: str = "pydoc", device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> "Session":
+        loaded = load_model(source, dtype=dtype, device=device)
+        if loaded.tokenizer is None:
+            from compress.sources import byte_tokenizer
+
+            loaded.tokenizer = byte_tokenizer()
+        return cls(loaded, load_corpus(corpus, loaded.tokenizer), device)
+
+
+def evaluate(session: Session, model, settings: EvaluationSettings, recipe: dict | None,
+             desc: str = "perplexity", extra_metrics: dict | None = None) -> dict:
+    """Perplexity and weight memory of `model` on the session's corpus: a results dict."""
+    seq_len, count = eval_defaults(session.corpus.name)
+    seq_len = settings.seq_len or seq_len
+    count = settings.windows if settings.windows is not None else count
+    windows = eval_windows(session.corpus, seq_len, count)
+    started = time.perf_counter()
+    ppl = perplexity(model, windows, settings.batch_size, session.device, desc=desc)
+    metrics = {**ppl, "weight_bytes": weight_bytes(model),
+               "eval_seconds": round(time.perf_counter() - started, 2), **(extra_metrics or {})}
+    protocol = {"corpus": session.corpus.name, "eval_seq_len": seq_len,
+                "eval_windows": windows.shape[0], "dtype": str(_dtype(model)).removeprefix("torch."),
+                "device": session.device}
+    if recipe and recipe.get("passes"):
+        protocol["calibration"] = dict(recipe["calibration"], source=session.corpus.calib_source)
+    model_info = {"source": session.loaded.provenance.get("source"),
+                  "provenance": session.loaded.provenance,
+                  "architecture": getattr(model.config, "model_type", None),
+                  "parameters": parameter_count(model)}
+    return build_results(model_info, recipe, protocol, metrics)
+
+
+def compress_model(session: Session, recipe: Recipe):
+    """A compressed copy of the session's model (the source is never modified) and pass timing."""
+    model = copy.deepcopy(session.loaded.model)
+    calib = None
+    if recipe.needs_calibration():
+        s = recipe.calibration
+        calib = CalibrationData(calibration_samples(session.corpus, s.samples, s.seq_len),
+                                s.batch_size, session.device)
+    started = time.perf_counter()
+    model = apply_recipe(model, recipe, calib)
+    return model, round(time.perf_counter() - started, 2)
+
+
+def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite: bool,
+               do_eval: bool) -> dict | None:
+    """Compress, then save to `out_dir` (with results.json when evaluated); returns the results."""
+    resolved = recipe.resolved()
+
+    def produce():
+        model, seconds = compress_model(session, recipe)
+        if not do_eval:
+            return model, None
+        return model, evaluate(session, model, recipe.evaluation, resolved, desc=recipe.name,
+                               extra_metrics={"compress_seconds": seconds})
+
+    if out_dir is None:
+        return produce()[1]
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        model, results = produce()
+        write_checkpoint(model, session.loaded.tokenizer, tmp, resolved, session.loaded.provenance)
+        if results is not None:
+            write_json(results, os.path.join(tmp, "results.json"))
+    return results
+
+
+def _dtype(model) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -1,0 +1,71 @@
+"""Round-to-nearest weight-only quantization: int8 or int4, per channel or group-wise."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.adapters import decoder_linears, set_submodule
+from compress.errors import UserError
+from compress.formats import grid
+from compress.formats.int4 import Int4Linear
+from compress.formats.int8 import Int8Linear
+from compress.passes import register_pass
+
+FORMAT_BY_BITS = {8: Int8Linear, 4: Int4Linear}
+
+
+@dataclass
+class WeightQuantConfig:
+    """Fields every weight-only integer quantizer shares (RTN, GPTQ, AWQ)."""
+
+    bits: int = 8
+    group_size: int | None = None   # None: 0 (per output channel) for 8 bits, 64 for 4 bits
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.bits not in FORMAT_BY_BITS:
+            raise UserError(f"bits must be one of 4, 8; got {self.bits}")
+        if self.group_size is None:
+            self.group_size = 64 if self.bits == 4 else 0
+        if self.group_size < 0:
+            raise UserError(f"group_size must be 0 (per channel) or positive, got {self.group_size}")
+
+
+@dataclass
+class RTNConfig(WeightQuantConfig):
+    pass
+
+
+def check_widths(model: nn.Module, group_size: int) -> list[tuple[str, nn.Linear]]:
+    """Every decoder linear, after checking the group size divides each input width."""
+    linears = decoder_linears(model)
+    for name, linear in linears:
+        if not isinstance(linear, nn.Linear):
+            raise UserError(f"{name} is already compressed ({type(linear).__name__}); "
+                            "weight quantization needs a float nn.Linear")
+        grid.check_group_size(name, linear.in_features, group_size)
+    return linears
+
+
+def quantized_linear(linear: nn.Linear, bits: int, group_size: int, symmetric: bool,
+                     weight: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                     zero: torch.Tensor | None = None):
+    """The Int8Linear/Int4Linear for `linear`. `weight` (default: the layer's) is rounded on the
+    grid given by (scale, zero), computed from it by min/max when not given."""
+    w = linear.weight.data if weight is None else weight
+    if scale is None:
+        scale, zero = grid.compute_qparams(w, bits, symmetric, group_size)
+    q = grid.quantize(w, scale, zero, bits, group_size)
+    bias = None if linear.bias is None else linear.bias.data
+    return FORMAT_BY_BITS[bits].from_codes(q, scale, zero, group_size, symmetric, bias,
+                                           linear.weight.dtype)
+
+
+@register_pass("rtn", RTNConfig)
+def rtn(model: nn.Module, config: RTNConfig, calib=None) -> nn.Module:
+    for name, linear in check_widths(model, config.group_size):
+        set_submodule(model, name, quantized_linear(linear, config.bits, config.group_size,
+                                                    config.symmetric))
+    return model

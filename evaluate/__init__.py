@@ -1,0 +1,1 @@
+"""The evaluation harness: perplexity, memory, results JSON (speed in later modules)."""

@@ -1,0 +1,58 @@
+"""Weight bytes by component, counting each storage once (tied embeddings are shared)."""
+from __future__ import annotations
+
+from torch import nn
+
+from compress.adapters import adapter_for, decoder_linears
+
+
+def weight_bytes(model: nn.Module) -> dict:
+    """Bytes of parameters and persistent buffers: total, embedding, decoder linears, lm_head, other.
+
+    A tensor shared by two modules (tied lm_head) is counted once, under the embedding.
+    """
+    adapter = adapter_for(model)
+    prefixes = {"embedding": adapter.embed_path + ".", "lm_head": adapter.lm_head_path + ".",
+                "linear": adapter.layers_path + "."}
+    linear_names = {f"{name}." for name, _ in decoder_linears(model)}
+    out = {"embedding": 0, "linear": 0, "lm_head": 0, "other": 0}
+    seen = set()
+    for name, tensor in _named_tensors(model):
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        size = tensor.numel() * tensor.element_size()
+        if name.startswith(prefixes["embedding"]):
+            out["embedding"] += size
+        elif name.startswith(prefixes["lm_head"]):
+            out["lm_head"] += size
+        elif any(name.startswith(p) for p in linear_names):
+            out["linear"] += size
+        else:
+            out["other"] += size
+    out["total"] = sum(out.values())
+    return out
+
+
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    persistent = set(model.state_dict().keys())
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        if name in persistent:
+            yield name, buf
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Logical parameters: float parameters plus the weights that quantized layers encode."""
+    from compress.formats.base import QuantizedLinear
+
+    seen, count = set(), 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            count += module.in_features * module.out_features
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                count += param.numel()
+    return count

@@ -1,0 +1,64 @@
+"""The results JSON: one per model x recipe x protocol, with keys model, recipe, protocol, metrics,
+environment. Written atomically."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import tempfile
+
+import torch
+
+import compress
+
+
+def environment() -> dict:
+    import transformers
+
+    env = {"compress": compress.__version__, "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "gpu": None,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = props.name
+        env["gpu_memory_bytes"] = props.total_memory
+        env["cuda"] = torch.version.cuda
+        env["driver"] = _nvidia_driver()
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def build_results(model_info: dict, recipe: dict | None, protocol: dict, metrics: dict) -> dict:
+    return {"model": model_info, "recipe": recipe, "protocol": protocol, "metrics": metrics,
+            "environment": environment()}
+
+
+def write_json(data: dict, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_json(path: str) -> dict:
+    with open(path) as handle:
+        return json.load(handle)

@@ -1,0 +1,49 @@
+"""Integer grids and int4 packing: exact round trips and bounded quantization error."""
+import pytest
+import torch
+
+from compress.errors import UserError
+from compress.formats import grid
+from compress.formats.int4 import pack_int4, unpack_int4
+
+
+def test_int4_pack_unpack_round_trips_every_code():
+    q = torch.randint(0, 16, (37, 128), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (37, 64) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_pack_rejects_odd_width():
+    with pytest.raises(ValueError):
+        pack_int4(torch.zeros(2, 3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_quantize_dequantize_error_is_within_half_a_step(bits, symmetric, group_size):
+    w = torch.randn(48, 128) * 0.02
+    scale, zero = grid.compute_qparams(w, bits, symmetric, group_size)
+    q = grid.quantize(w, scale, zero, bits, group_size)
+    assert int(q.max()) <= 2 ** bits - 1
+    back = grid.dequantize(q, scale, zero, group_size)
+    step = scale.repeat_interleave(128 // scale.shape[1], dim=1)
+    err = (back - w).abs()
+    # Every value inside the grid is off by at most half a step; symmetric grids clip only the
+    # positive maximum, which lands one half step below it.
+    assert torch.all(err <= 0.5 * step + 1e-7)
+
+
+@pytest.mark.parametrize("bits,min_sqnr_db", [(8, 38.0), (4, 14.0)])
+def test_signal_to_quantization_noise(bits, min_sqnr_db):
+    w = torch.randn(256, 256)
+    back = grid.fake_quantize(w, bits, True, 64 if bits == 4 else 0)
+    sqnr = 10 * torch.log10(w.pow(2).sum() / (w - back).pow(2).sum())
+    assert sqnr > min_sqnr_db
+
+
+def test_group_size_must_divide_width():
+    with pytest.raises(UserError, match="does not divide the input width 576"):
+        grid.check_group_size("layer", 576, 128)
+    grid.check_group_size("layer", 576, 64)
