@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compress.errors import UserError
+from compress.hub import hub_reachable
 from compress.shapes import SHAPES, llama_config
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -34,7 +35,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
         loaded = _load_gguf(smollm2_path(), dtype)
         loaded.provenance["source"] = source
     elif source.startswith("random:"):
-        loaded = load_random(source.split(":", 1)[1], dtype)
+        loaded = load_random(source.split(":", 1)[1], dtype, device=device)
     elif os.path.isdir(source) and os.path.exists(os.path.join(source, "compress.json")):
         from compress.checkpoint import load_checkpoint
 
@@ -78,9 +79,11 @@ def _load_gguf(path: str, dtype: torch.dtype) -> Loaded:
 def _load_hf(source: str, dtype: torch.dtype, local: bool) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Offline, a hub id can still load from the local cache; nothing is retried over the network.
+    local_only = local or not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         where = "folder" if local else "hub id (is the Hugging Face hub reachable?)"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -89,15 +92,21 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> Loaded:
     return Loaded(model, tokenizer, {"loader": "hf-local" if local else "hf-hub"})
 
 
-def load_random(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Loaded:
-    """A Llama of a real shape with normal(0, 0.02) weights: never zeros, reproducible by seed."""
+def load_random(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                device: str = "cpu") -> Loaded:
+    """A Llama of a real shape with normal(0, 0.02) weights: never zeros, reproducible by seed.
+
+    Built directly on `device` (an 8B model initialized on the CPU takes minutes); the weights
+    then depend on the device's random generator, still reproducible per device and seed.
+    """
     from transformers import AutoModelForCausalLM
 
     config = llama_config(shape)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     finally:
         torch.random.set_rng_state(generator_state)
     return Loaded(model, byte_tokenizer(), {"loader": "random", "shape": shape, "seed": seed})
