@@ -28,8 +28,10 @@ class CalibrationData:
     device: str | None = None     # compute device for one layer at a time; None: the model's
 
 
-# compress_layer(index, layer, forward) -> None; `forward()` runs every sample through `layer`.
-LayerFn = Callable[[int, nn.Module, Callable[[], None]], None]
+# compress_layer(index, layer, forward) -> None or outputs; `forward()` runs every sample
+# through `layer` and returns its outputs (one tensor per batch). A pass whose last forward()
+# already ran the compressed layer may return those outputs to spare the driver's re-run.
+LayerFn = Callable[[int, nn.Module, Callable[[], list]], "list[torch.Tensor] | None"]
 
 
 class _CaughtInputs(Exception):
@@ -77,11 +79,10 @@ def run_layerwise(model: nn.Module, samples: torch.Tensor, compress_layer: Layer
         layer = layers[index].to(device)
 
         def forward(layer=layer):
-            for h in hidden:
-                layer(h, **kwargs)
+            return [_first(layer(h, **kwargs)) for h in hidden]
 
-        compress_layer(index, layer, forward)
-        hidden = [_first(layer(h, **kwargs)) for h in hidden]
+        outputs = compress_layer(index, layer, forward)
+        hidden = outputs if outputs is not None else forward()
         layers[index] = layer.to(offload)
     return hidden
 

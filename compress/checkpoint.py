@@ -81,6 +81,9 @@ def write_checkpoint(model: nn.Module, tokenizer, folder: str, recipe: dict | No
         "modules": {name: module.spec() for name, module in model.named_modules()
                     if isinstance(module, QuantizedLinear)},
     }
+    shapes = _reshaped_linears(model)
+    if shapes:
+        meta["shapes"] = shapes
     with open(os.path.join(folder, META), "w") as handle:
         json.dump(meta, handle, indent=2)
 
@@ -108,6 +111,10 @@ def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(folder)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
+    for name, (out_features, in_features, bias) in meta.get("shapes", {}).items():
+        # Per-layer structured pruning: shapes the config alone cannot describe.
+        set_submodule(model, name, nn.Linear(in_features, out_features, bias=bias,
+                                             dtype=saved_dtype))
     for name, spec in meta["modules"].items():
         if spec["format"] not in FORMATS:
             raise UserError(f"checkpoint {folder} uses format {spec['format']!r}, unknown to "
@@ -127,6 +134,19 @@ def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
     provenance = dict(meta["provenance"], checkpoint=os.path.abspath(folder),
                       recipe=meta["recipe"])
     return Loaded(model.eval(), tokenizer, provenance)
+
+
+def _reshaped_linears(model: nn.Module) -> dict[str, list]:
+    """[out, in, bias] of float linears whose shape differs from what model.config builds
+    (structured pruning with per-layer widths); empty when the config describes every shape."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        reference = dict(AutoModelForCausalLM.from_config(model.config).named_modules())
+    return {name: [m.out_features, m.in_features, m.bias is not None]
+            for name, m in model.named_modules()
+            if type(m) is nn.Linear and isinstance(reference.get(name), nn.Linear)
+            and reference[name].weight.shape != m.weight.shape}
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import sys
 from compress import __version__
 from compress.errors import UserError
 
-SUBCOMMANDS = ("quantize", "run", "eval", "report", "sweep")
+SUBCOMMANDS = ("quantize", "prune", "run", "eval", "report", "sweep", "bench")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.errors import UserError
+from compress.hub import hub_reachable
 
 CORPUS_HELP = "pydoc, wikitext, a local .txt/.jsonl/.parquet file, or a hub dataset name[:config]"
 # Protocol defaults per corpus: evaluation window length and count (None: every full window).
@@ -98,6 +99,9 @@ def _hub_texts(name: str) -> tuple[str, str]:
     import datasets
 
     path, config = HUB_ALIASES.get(name, (name.split(":")[0], (name.split(":") + [None])[1]))
+    if not hub_reachable():
+        raise UserError(f"corpus {name!r} is a hub dataset and the Hugging Face hub is not "
+                        f"reachable; allowed offline: pydoc, a local .txt/.jsonl/.parquet file")
     try:
         test = datasets.load_dataset(path, config, split="test")
         train = datasets.load_dataset(path, config, split="train")

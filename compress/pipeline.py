@@ -87,7 +87,8 @@ def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite:
         if not do_eval:
             return model, None
         return model, evaluate(session, model, recipe.evaluation, resolved, desc=recipe.name,
-                               extra_metrics={"compress_seconds": seconds})
+                               extra_metrics={"compress_seconds": seconds,
+                                              **(getattr(model, "compress_report", None) or {})})
 
     if out_dir is None:
         return produce()[1]

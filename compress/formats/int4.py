@@ -62,3 +62,32 @@ class Int4Linear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         q, zero = self.codes()
         return grid.dequantize(q, self.scales, zero, self.group_size, dtype or self.scales.dtype)
+
+    # Fast path (compress/formats/int4_kernels.py): a kernel layout built lazily from the buffers
+    # above, kept out of the state dict so the saved format never changes.
+    def prepare_fast(self, dtype: torch.dtype) -> None:
+        """Build the kernel layout for activations of `dtype` on this layer's device, if any."""
+        from compress.formats import int4_kernels
+
+        q, zero = self.codes()
+        self._fast = int4_kernels.build(q, zero, self.scales, self.group_size, dtype)
+        self._fast_key = (self.qweight.device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and \
+                getattr(self, "_fast_key", None) != (self.qweight.device, x.dtype):
+            self.prepare_fast(x.dtype)
+        fast = getattr(self, "_fast", None)
+        if fast is not None and fast.accepts(x):
+            kernel, out = fast.kernel, fast(x)
+            out = out if self.bias is None else out + self.bias
+        else:
+            kernel, out = "reference", self.reference_forward(x)
+        if not torch.compiler.is_compiling():  # a compiled step keeps its eager twin's label
+            self.kernel = kernel
+        return out
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / dtype casts invalidate the kernel layout: rebuild on the next forward.
+        self._fast = self._fast_key = None
+        return super()._apply(fn, recurse)

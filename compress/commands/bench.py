@@ -1,0 +1,83 @@
+"""`compress bench MODEL_OR_DIR [--batch 1,8,32] [--prompt 512] [--new 128] [--prefill 1x2048,8x512]
+[--compile] [--device cuda] [--peers hf,bnb-int8,...] [--out DIR]`: speed and memory, printed and
+written as bench.json + bench.md."""
+from __future__ import annotations
+
+import os
+
+from compress.checkpoint import atomic_output_dir, check_output
+from compress.commands import add_model_options, resolve_dtype
+from compress.commands.report import write_text
+from compress.errors import UserError
+from evaluate.bench import PEERS, BenchConfig
+from evaluate.results import write_json
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="measure prefill / decode speed and memory",
+                              description="Prefill tokens/s and time to first token, decode "
+                              "ms/token (token loop included), memory, roofline and kernels, "
+                              "with peers in the same run (PROTOCOL.md 'Speed').")
+    p.add_argument("model", help="smollm2-135m, random:<shape>, a checkpoint folder, a .gguf "
+                                 "file or a hub id")
+    p.add_argument("--batch", default="1,8,32", help="decode batch sizes (default 1,8,32)")
+    p.add_argument("--prompt", type=int, default=512, help="decode prompt tokens (default 512)")
+    p.add_argument("--new", type=int, default=128, help="timed decode tokens (default 128)")
+    p.add_argument("--prefill", default="1x2048,8x512",
+                   help="prefill shapes BATCHxTOKENS (default 1x2048,8x512)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (CUDA graphs on CUDA); compile time reported apart")
+    p.add_argument("--peers", default="hf",
+                   help=f"comma list of peers or 'none' (default hf); allowed: {', '.join(PEERS)}")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up runs (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs, median reported (default 5)")
+    p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_model_options(p)
+    p.set_defaults(run=run)
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UserError(f"{what} is empty")
+    return values
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    shapes = []
+    for item in text.split(","):
+        batch, sep, tokens = item.strip().lower().partition("x")
+        if not sep or not batch.isdigit() or not tokens.isdigit():
+            raise UserError(f"prefill shapes are BATCHxTOKENS, comma-separated, e.g. 1x2048,8x512;"
+                            f" got {item!r}")
+        shapes.append((int(batch), int(tokens)))
+    return tuple(shapes)
+
+
+def parse_peers(text: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def run(args) -> int:
+    from evaluate.bench_run import markdown, print_table, run_bench
+
+    dtype = resolve_dtype(args)
+    cfg = BenchConfig(batches=parse_ints(args.batch, "--batch"), prompt=args.prompt, new=args.new,
+                      prefill=parse_shapes(args.prefill), compile=args.compile,
+                      warmup=args.warmup, repeats=args.repeats, peers=parse_peers(args.peers))
+    if args.out:
+        check_output(args.out, args.overwrite)  # fail before minutes of measuring
+    doc = run_bench(args.model, cfg, args.device, dtype, progress=lambda m: print(m, flush=True))
+    print_table(doc)
+    if args.out:
+        with atomic_output_dir(args.out, args.overwrite) as tmp:
+            write_json(doc, os.path.join(tmp, "bench.json"))
+            write_text(os.path.join(tmp, "bench.md"), markdown(doc))
+        print(f"wrote {args.out}/bench.json and bench.md")
+    return 0

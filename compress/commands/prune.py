@@ -1,0 +1,33 @@
+"""`compress prune MODEL --method NAME [method flags] --out DIR [--eval]`."""
+from __future__ import annotations
+
+from compress.commands import add_eval_options, add_model_options
+from compress.commands.quantize import add_calibration_options, add_pass_option, run_single_pass
+
+# Flags that map one-to-one onto pass config fields (argparse dest == field name).
+PRUNE_FLAGS = ("sparsity", "pattern", "profile", "ratio", "drop")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prune", help="prune a model (unstructured, N:M or structured) and save a checkpoint",
+        description="Prune MODEL with one method and write a checkpoint. Unstructured and N:M "
+        "methods: magnitude, wanda, sparsegpt. Structured: mlp-channels, heads, layers.")
+    p.add_argument("model", help="smollm2-135m, random:<shape>, a folder, a .gguf file or a hub id")
+    p.add_argument("--method", required=True,
+                   help="magnitude, wanda, sparsegpt, mlp-channels, heads or layers")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of weights to zero (unstructured; default 0.5)")
+    p.add_argument("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--profile", default=None, help="per-layer sparsity: uniform (default) or owl")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="mlp-channels/heads: fraction of channels/heads to remove")
+    p.add_argument("--drop", type=int, default=None, help="layers: decoder layers to remove")
+    add_pass_option(p)
+    p.add_argument("--out", required=True, help="output folder for the checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval", action="store_true", help="evaluate and write OUT/results.json")
+    add_calibration_options(p)
+    add_eval_options(p)
+    add_model_options(p)
+    p.set_defaults(run=lambda args: run_single_pass(args, "prune", PRUNE_FLAGS))

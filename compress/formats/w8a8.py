@@ -1,0 +1,108 @@
+"""W8A8 int8 linear layer (SmoothQuant): int8 weights per output channel, int8 activations per token.
+
+Storage: `qweight` int8 [out, in] (symmetric, codes in [-127, 127]); `scales` float32 [out, 1].
+Activations are quantized at run time, one symmetric scale per token (row), so nothing about
+them is stored. Then
+
+    y[t, o] = sx[t] * sw[o] * sum_i qx[t, i] * qw[o, i]
+
+The sum is an exact int8 x int8 -> int32 matmul (`torch._int_mm`). The reference forward
+computes the same thing in float: fake-quantized activations times the dequantized weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from compress.formats.base import QuantizedLinear
+
+QMAX = 127          # symmetric int8: -128 is never used, so negation never overflows
+EPS = 1e-8          # scale floor: an all-zero row or token quantizes to zeros, not NaN
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of a 2-D tensor: codes int8 [rows, cols] and scales float32 [rows, 1].
+
+    Used for weights (rows = output channels) and for activations (rows = tokens).
+    """
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / QMAX).clamp(min=EPS)
+    q = torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Round trip through `quantize_rows`, in float32: what the int8 matmul sees."""
+    q, scale = quantize_rows(x)
+    return q.float() * scale
+
+
+def int_mm_ok(device: torch.device, m: int, k: int, n: int) -> bool:
+    """Whether `torch._int_mm` is the fast choice for an [m, k] x [k, n] product here.
+
+    CUDA (cuBLAS int8 GEMM) needs m > 16 and k, n multiples of 8. On CPU `_int_mm` is exact for
+    every shape, but without AVX-512 (VNNI) it is a scalar loop, tens of times slower than a
+    float matmul (measured: 3.3 s vs 0.06 s for 2048x576x1536 on an AVX2 EPYC), so the float
+    reference is the faster path there.
+    """
+    if device.type == "cuda":
+        return m > 16 and k % 8 == 0 and n % 8 == 0
+    if device.type == "cpu":
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    return False
+
+
+class W8A8Linear(QuantizedLinear):
+    format = "w8a8-int8"
+
+    def _register_storage(self, dtype: torch.dtype) -> None:
+        self.register_buffer("qweight", torch.zeros(self.out_features, self.in_features,
+                                                    dtype=torch.int8))
+        # float32 whatever the model dtype: the per-channel scale multiplies an exact int32 sum.
+        self.register_buffer("scales", torch.zeros(self.out_features, 1, dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, linear: torch.nn.Module, weight: torch.Tensor | None = None) -> "W8A8Linear":
+        """Quantize `weight` (default: the linear's own) per output channel."""
+        w = linear.weight.data if weight is None else weight
+        dtype = linear.weight.dtype
+        layer = cls(linear.in_features, linear.out_features, 8, 0, True,
+                    linear.bias is not None, dtype)
+        q, scale = quantize_rows(w)
+        layer.qweight.copy_(q)
+        layer.scales.copy_(scale)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.data.to(dtype))
+        return layer.to(w.device)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (self.qweight.float() * self.scales).to(dtype or torch.float32)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized activations times the dequantized weight, in float32."""
+        flat = fake_quantize_rows(x.reshape(-1, self.in_features))
+        out = F.linear(flat, self.dequantize(torch.float32))
+        return self._finish(out, x)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The real int8 matmul: exact int32 accumulation, then both scales in float32."""
+        qx, sx = quantize_rows(x.reshape(-1, self.in_features))
+        acc = torch._int_mm(qx, self.qweight.t())
+        out = acc.float() * sx * self.scales.t()
+        return self._finish(out, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.numel() // self.in_features
+        if int_mm_ok(x.device, m, self.in_features, self.out_features):
+            self.kernel = "torch._int_mm"
+            return self.fast_forward(x)
+        self.kernel = "reference"
+        return self.reference_forward(x)
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w8 per channel, a8 per token"

@@ -1,0 +1,194 @@
+"""Unstructured and N:M pruning passes: `magnitude`, `wanda`, `sparsegpt`.
+
+Each pass picks per-layer sparsities (uniform or OWL), chooses masks with compress.prune.masks or
+compress.prune.sparsegpt, and materializes them as dense zeros. Calibrated passes stream the
+calibration samples through compress.calibration.run_layerwise, so every layer is pruned on the
+outputs of the already-pruned layers before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.adapters import adapter_for
+from compress.calibration import collect_linear_inputs, run_layerwise
+from compress.errors import UserError
+from compress.passes import register_pass
+from compress.prune import masks
+from compress.prune.common import float_linears, input_groups, report_sparsity
+from compress.prune.sparsegpt import accumulate_hessian, sparsegpt_prune
+
+
+@dataclass
+class SparsityConfig:
+    """Fields every unstructured/N:M pass shares."""
+
+    sparsity: float | None = None   # None: 0.5 unstructured; 1 - N/M for an N:M pattern
+    pattern: str = "unstructured"   # unstructured, or N:M such as 2:4, 4:8
+    profile: str = "uniform"        # uniform, or owl (outlier-weighted per-layer sparsity)
+    owl_threshold: float = 5.0      # OWL: a score is an outlier above this times the layer mean
+    owl_lambda: float = 0.08        # OWL: per-layer sparsities spread over +-lambda
+
+    def __post_init__(self):
+        nm = masks.parse_pattern(self.pattern)
+        if self.profile not in masks.PROFILES:
+            raise UserError(f"profile must be one of {', '.join(masks.PROFILES)}; "
+                            f"got {self.profile!r}")
+        if nm is None:
+            self.sparsity = 0.5 if self.sparsity is None else self.sparsity
+            masks.check_sparsity(self.sparsity)
+            return
+        implied = 1 - nm[0] / nm[1]
+        if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+            raise UserError(f"pattern {self.pattern} implies sparsity {implied}; got sparsity "
+                            f"{self.sparsity} (leave it out)")
+        if self.profile != "uniform":
+            raise UserError(f"profile {self.profile!r} needs pattern unstructured; N:M fixes "
+                            "every layer's sparsity; allowed with N:M: uniform")
+        self.sparsity = implied
+
+    def nm(self):
+        return masks.parse_pattern(self.pattern)
+
+
+@dataclass
+class MagnitudeConfig(SparsityConfig):
+    scope: str = "layer"            # compare weights within each matrix (layer) or each row
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.scope not in masks.SCOPES:
+            raise UserError(f"scope must be one of {', '.join(masks.SCOPES)}; got {self.scope!r}")
+
+
+@dataclass
+class WandaConfig(MagnitudeConfig):
+    scope: str = "row"              # Wanda compares weights within each output row
+
+
+@dataclass
+class SparseGPTConfig(SparsityConfig):
+    blocksize: int = 128            # columns per lazy-update block
+    damp: float = 0.01              # dampening, as a fraction of mean(diag H)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.blocksize < 1 or self.damp < 0:
+            raise UserError(f"blocksize must be >= 1 and damp >= 0; got {self.blocksize}, "
+                            f"{self.damp}")
+
+
+# ----- statistics -------------------------------------------------------------------------------
+
+def _group_stats(layer: nn.Module, groups, forward, accumulate) -> dict:
+    """Stream the samples through `layer` once; `accumulate(state, x)` per shared-input group."""
+    state = {}
+
+    def add(name, x):
+        state[name] = accumulate(state.get(name), x)
+
+    collect_linear_inputs({g[0]: layer.get_submodule(g[0]) for g in groups}, forward, add)
+    return state
+
+
+def _sq_norms(acc, x):
+    x = x.float()
+    total = x.pow(2).sum(0)
+    return total if acc is None else acc + total
+
+
+def _hessian(acc, x):
+    h, count = acc if acc is not None else (None, 0)
+    return accumulate_hessian(h, count, x)
+
+
+def _profile(model, config: SparsityConfig, calib, weighted: bool) -> list[float]:
+    """Per-layer sparsities. OWL's outlier ratios come from the dense model: for calibrated
+    methods one extra layer-by-layer pass measures Wanda scores before anything is pruned."""
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    if config.profile == "uniform":
+        return masks.uniform_profile(len(layers), config.sparsity)
+    groups = input_groups(adapter)
+    ratios = [0.0] * len(layers)
+
+    def measure(index, layer, forward):
+        norms = _group_stats(layer, groups, forward, _sq_norms) if weighted else {}
+        scores = [masks.wanda_scores(layer.get_submodule(n).weight, norms[g[0]]) if weighted
+                  else masks.magnitude_scores(layer.get_submodule(n).weight)
+                  for g in groups for n in g]
+        ratios[index] = masks.outlier_ratio(scores, config.owl_threshold)
+
+    if weighted:
+        run_layerwise(model, calib.samples, measure, calib.device, calib.batch_size, "owl stats")
+    else:
+        for index, layer in enumerate(layers):
+            measure(index, layer, None)
+    return masks.owl_profile(ratios, config.sparsity, config.owl_lambda)
+
+
+# ----- passes -----------------------------------------------------------------------------------
+
+@register_pass("magnitude", MagnitudeConfig, needs_calibration=False, kind="prune")
+@torch.no_grad()
+def magnitude(model: nn.Module, config: MagnitudeConfig, calib=None) -> nn.Module:
+    float_linears(model)
+    adapter = adapter_for(model)
+    targets = _profile(model, config, calib, weighted=False)
+    for index, layer in enumerate(adapter.layers(model)):
+        for name in adapter.linear_names():
+            weight = layer.get_submodule(name).weight
+            keep = masks.select_mask(masks.magnitude_scores(weight), targets[index],
+                                     config.pattern, config.scope)
+            weight.mul_(keep.to(weight.dtype))
+    report_sparsity(model, "magnitude", config.pattern, targets)
+    return model
+
+
+@register_pass("wanda", WandaConfig, needs_calibration=True, kind="prune")
+@torch.no_grad()
+def wanda(model: nn.Module, config: WandaConfig, calib) -> nn.Module:
+    float_linears(model)
+    adapter = adapter_for(model)
+    groups = input_groups(adapter)
+    targets = _profile(model, config, calib, weighted=True)
+
+    def prune_layer(index, layer, forward):
+        norms = _group_stats(layer, groups, forward, _sq_norms)
+        for group in groups:
+            for name in group:
+                weight = layer.get_submodule(name).weight
+                scores = masks.wanda_scores(weight, norms[group[0]].to(weight.device))
+                keep = masks.select_mask(scores, targets[index], config.pattern, config.scope)
+                weight.mul_(keep.to(weight.dtype))
+
+    run_layerwise(model, calib.samples, prune_layer, calib.device, calib.batch_size, "wanda")
+    report_sparsity(model, "wanda", config.pattern, targets)
+    return model
+
+
+@register_pass("sparsegpt", SparseGPTConfig, needs_calibration=True, kind="prune")
+@torch.no_grad()
+def sparsegpt(model: nn.Module, config: SparseGPTConfig, calib) -> nn.Module:
+    float_linears(model)
+    adapter = adapter_for(model)
+    groups = input_groups(adapter)
+    targets = _profile(model, config, calib, weighted=True)
+
+    def prune_layer(index, layer, forward):
+        hessians = _group_stats(layer, groups, forward, _hessian)
+        for group in groups:
+            # Matrices sharing an input share H: stack their rows and prune them in one call.
+            weights = [layer.get_submodule(name).weight for name in group]
+            pruned, _ = sparsegpt_prune(torch.cat([w.data for w in weights]),
+                                        hessians[group[0]][0], targets[index], config.nm(),
+                                        config.blocksize, config.damp,
+                                        row_groups=[w.shape[0] for w in weights])
+            for weight, part in zip(weights, pruned.split([w.shape[0] for w in weights])):
+                weight.copy_(part)
+
+    run_layerwise(model, calib.samples, prune_layer, calib.device, calib.batch_size, "sparsegpt")
+    report_sparsity(model, "sparsegpt", config.pattern, targets)
+    return model

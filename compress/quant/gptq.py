@@ -1,0 +1,218 @@
+"""GPTQ: weight-only integer quantization that corrects each rounding error on the columns not yet
+quantized, using the Hessian of the layer's output error (Frantar et al., 2022).
+
+The math is `gptq_quantize` (pure, on tensors); the pass streams calibration samples through one
+decoder layer at a time with compress.calibration.run_layerwise. Codes, scales and zero points
+come out on the same grid as RTN (compress.formats.grid), so the result is an ordinary
+Int4Linear / Int8Linear.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.adapters import adapter_for, set_submodule
+from compress.calibration import CalibrationData, collect_linear_inputs, run_layerwise
+from compress.errors import UserError
+from compress.formats import grid
+from compress.passes import register_pass
+from compress.quant.rtn import FORMAT_BY_BITS, WeightQuantConfig, check_widths
+from compress.quant.stats import InputStats, input_groups
+
+
+@dataclass
+class GPTQConfig(WeightQuantConfig):
+    bits: int = 4
+    act_order: bool = False      # quantize columns by decreasing Hessian diagonal (static groups)
+    damp: float = 0.01           # added to the Hessian diagonal, as a fraction of its mean
+    block_size: int = 128        # columns per lazy-batch update
+    # True: one forward per layer over all samples at once; each group of linears is quantized
+    # when the forward reaches it, so later linears calibrate on quantized inputs (memory: the
+    # whole calibration set's activations of one layer). False: batched forward with float
+    # linears, then a second forward of the quantized layer.
+    true_sequential: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.damp <= 1:
+            raise UserError(f"damp must be in (0, 1] (a fraction of the mean Hessian diagonal), "
+                            f"got {self.damp}")
+        if self.block_size < 1:
+            raise UserError(f"block_size must be a positive number of columns, got {self.block_size}")
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, so that U^T U = H^-1.
+
+    Row i of U holds what GPTQ needs after column i is quantized: U[i, i] scales the error and
+    U[i, i:] spreads it over the remaining columns (the OBS update in Cholesky form)."""
+    h = h.clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    for dtype in (torch.float32, torch.float64):     # float64 only when float32 is not enough
+        lower, info = torch.linalg.cholesky_ex(h.to(dtype))
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0:
+                return upper.float()
+    raise UserError(f"the GPTQ Hessian is not positive definite with damp={damp}; "
+                    "use a larger damp (allowed: 0 < damp <= 1)")
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize w [out, in] against the Hessian h [in, in] of its inputs.
+
+    Returns (codes uint8 [out, in] in the original column order, scale, zero [out, groups]) with
+    w ~= (codes - zero) * scale per group, exactly as compress.formats.grid lays them out.
+
+    Without act_order, each group's qparams come from the error-corrected weights when the first
+    column of the group is reached. With act_order, columns are processed by decreasing Hessian
+    diagonal, and the group qparams are computed up front from the full weight ('static groups'),
+    so groups stay contiguous in the original column order and the Int4Linear layout is valid.
+    """
+    out_features, columns = w.shape
+    if h.shape != (columns, columns):
+        raise UserError(f"GPTQ Hessian shape {tuple(h.shape)} does not match the weight's "
+                        f"{columns} input columns")
+    w = w.float().clone()
+    h = h.float().clone()
+    # Columns whose input is always zero carry no signal: any value is exact, use zero.
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    size = group_size or columns
+    static = act_order or group_size == 0
+    if static:
+        scale, zero = grid.compute_qparams(w, bits, symmetric, group_size)
+    else:
+        scale = w.new_empty(out_features, columns // size)
+        zero = w.new_empty(out_features, columns // size)
+        # Blocks never split a group, so a group's qparams see every update made before it.
+        block_size = max(size, block_size // size * size)
+
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    group_of = ((perm if perm is not None else torch.arange(columns)) // size).tolist()
+    hinv = inverse_hessian_factor(h, damp)
+
+    # Work on W^T: a column of W is then a contiguous row, and the rank-1 updates run as one
+    # BLAS call on contiguous memory (on a strided view of W they are ~100x slower on CPU).
+    wt = w.T.contiguous()
+    codes = torch.empty(columns, out_features, dtype=torch.uint8, device=w.device)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        block = wt[i1:i2]                   # a view: updates land in wt
+        errors = torch.empty_like(block)
+        hblock = hinv[i1:i2, i1:i2]
+        with _one_cpu_thread(w.device):
+            for i in range(i2 - i1):
+                col = i1 + i
+                g = group_of[col]
+                if not static and col % size == 0:
+                    s, z = grid.compute_qparams(block[i:i + size].T, bits, symmetric, 0)
+                    scale[:, g:g + 1], zero[:, g:g + 1] = s, z
+                s, z = scale[:, g:g + 1], zero[:, g:g + 1]
+                q = grid.quantize(block[i].unsqueeze(1), s, z, bits, 0)
+                codes[col] = q[:, 0]
+                err = (block[i] - grid.dequantize(q, s, z, 0)[:, 0]) / hblock[i, i]
+                block[i + 1:].addr_(hblock[i, i + 1:], err, alpha=-1)
+                errors[i] = err
+        # Lazy batch: the columns after this block get all of its corrections in one matmul.
+        wt[i2:].addmm_(hinv[i1:i2, i2:].T, errors, alpha=-1)
+
+    codes = codes.T
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.contiguous(), scale, zero
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The column loop is thousands of small ops: on CPU each parallel region waits for every
+    OpenMP thread, which on a busy machine costs ms per op; one thread is ~10x faster there."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def quantize_group(layer: nn.Module, names: tuple[str, ...], h: torch.Tensor,
+                   config: GPTQConfig) -> dict[str, nn.Module]:
+    """GPTQ on linears that share one input (and so one Hessian): their rows are stacked and
+    quantized in one call, which is exact since GPTQ treats rows independently."""
+    linears = [layer.get_submodule(name) for name in names]
+    w = torch.cat([linear.weight.data for linear in linears])
+    codes, scale, zero = gptq_quantize(w, h, config.bits, config.group_size, config.symmetric,
+                                       config.act_order, config.damp, config.block_size)
+    out, start = {}, 0
+    for name, linear in zip(names, linears):
+        rows = slice(start, start + linear.out_features)
+        start = rows.stop
+        bias = None if linear.bias is None else linear.bias.data
+        out[name] = FORMAT_BY_BITS[config.bits].from_codes(
+            codes[rows], scale[rows], zero[rows], config.group_size, config.symmetric, bias,
+            linear.weight.dtype)
+    return out
+
+
+def _sequential_in_one_forward(layer: nn.Module, groups, config: GPTQConfig, forward):
+    """Quantize each group from a hook as the single forward (all samples, one batch) reaches it.
+
+    The hook writes the dequantized weights into the float linear before it runs, so everything
+    downstream in this forward sees the quantized group; the outputs are then exactly those of
+    the quantized layer and the driver needs no second forward."""
+    replaced: dict[str, nn.Module] = {}
+
+    def hook(_module, args, names):
+        if names[0] in replaced:
+            raise RuntimeError("true_sequential GPTQ expects one batch per layer forward")
+        for name, qlinear in quantize_group(layer, names, InputStats.from_input(args[0]).hessian(),
+                                            config).items():
+            linear = layer.get_submodule(name)
+            linear.weight.data.copy_(qlinear.dequantize(linear.weight.dtype))
+            replaced[name] = qlinear
+
+    handles = [layer.get_submodule(names[0]).register_forward_pre_hook(
+        lambda m, args, names=names: hook(m, args, names)) for names in groups]
+    try:
+        outputs = forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, qlinear in replaced.items():
+        set_submodule(layer, name, qlinear)
+    return outputs
+
+
+@register_pass("gptq", GPTQConfig, needs_calibration=True)
+def gptq(model: nn.Module, config: GPTQConfig, calib: CalibrationData) -> nn.Module:
+    check_widths(model, config.group_size)
+    groups = input_groups(adapter_for(model))
+    samples = calib.samples
+
+    def compress_layer(_index, layer, forward):
+        if config.true_sequential:
+            return _sequential_in_one_forward(layer, groups, config, forward)
+        stats = {names[0]: InputStats() for names in groups}
+        collect_linear_inputs({names[0]: layer.get_submodule(names[0]) for names in groups},
+                              forward, lambda name, x: stats[name].add(x))
+        for names in groups:
+            for name, qlinear in quantize_group(layer, names, stats[names[0]].hessian(),
+                                                config).items():
+                set_submodule(layer, name, qlinear)
+        return None
+
+    batch = len(samples) if config.true_sequential else calib.batch_size
+    run_layerwise(model, samples, compress_layer, calib.device, batch, desc="gptq")
+    return model

@@ -1,0 +1,180 @@
+"""Speed and memory of one model with our engine (PROTOCOL.md "Speed"): prefill, decode with the
+token loop included, memory by component and per phase, the kernel behind each kind of linear,
+and the decode roofline against the copy bandwidth measured in the same run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compress.adapters import adapter_for, decoder_linears
+from compress.errors import UserError
+from evaluate.engine import Engine, random_tokens
+from evaluate.memory import parameter_count, weight_bytes
+from evaluate.timing import PeakMemory, ceilings, is_cuda, synchronize, time_it
+
+PEERS = ("hf", "hf-eager", "bnb-int8", "bnb-nf4", "torchao-int4", "torchao-int8")
+
+
+@dataclass
+class BenchConfig:
+    batches: tuple[int, ...] = (1, 8, 32)
+    prompt: int = 512
+    new: int = 128
+    prefill: tuple[tuple[int, int], ...] = ((1, 2048), (8, 512))
+    compile: bool = False
+    warmup: int = 2
+    repeats: int = 5
+    seed: int = 0
+    peers: tuple[str, ...] = ()
+    copy_bytes: int | None = None   # default: 2 GiB on CUDA, 64 MiB on CPU
+    matmul_n: int | None = None     # default: 8192 on CUDA, 1024 on CPU
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        sizes = [*self.batches, self.prompt, self.new, *(x for p in self.prefill for x in p)]
+        if not self.batches or any(int(v) < 1 for v in sizes):
+            raise UserError(f"batch sizes, prompt, new tokens and prefill shapes must be >= 1, "
+                            f"got batches {self.batches}, prompt {self.prompt}, new {self.new}, "
+                            f"prefill {self.prefill}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise UserError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, "
+                            f"{self.warmup}")
+        unknown = set(self.peers) - set(PEERS)
+        if unknown:
+            raise UserError(f"unknown peer {sorted(unknown)[0]!r}; allowed: {', '.join(PEERS)}")
+
+    def protocol(self, device) -> dict:
+        return {"batches": list(self.batches), "prompt": self.prompt, "new_tokens": self.new,
+                "prefill": [list(p) for p in self.prefill], "warmup": self.warmup,
+                "repeats": self.repeats, "statistic": "median", "decode": "greedy, no early stop, "
+                "token loop included, first token from the prefill not counted",
+                "inputs": "random token ids in [1, vocab)", "compile": self.compile,
+                "device": str(device)}
+
+
+def measure_ceilings(cfg: BenchConfig, device, dtype: torch.dtype) -> dict:
+    cuda = is_cuda(device)
+    copy_bytes = cfg.copy_bytes or (2 << 30 if cuda else 64 << 20)
+    n = cfg.matmul_n or (8192 if cuda else 1024)
+    return ceilings(device, copy_bytes, n, torch.bfloat16 if cuda else dtype)
+
+
+def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
+    """One row: our engine on `model` (already on `device`, eval mode)."""
+    engine = Engine(model)
+    vocab = model.config.vocab_size
+    weights = weight_bytes(model)
+    row = {"name": name, "runner": "compress engine (static cache, own token loop)",
+           "compiled": cfg.compile, "parameters": parameter_count(model),
+           "weight_bytes": weights, "prefill": [], "decode": []}
+    matmul = ceil["matmul"]["flop_per_s"]
+    for batch, length in cfg.prefill:
+        engine.allocate(batch, length + 1)
+        ids = random_tokens(batch, length, vocab, device, cfg.seed)
+        with PeakMemory(device) as peak:
+            # Time to first token: the prefill forward and the choice of the first token.
+            timing = time_it(lambda: engine.prefill(ids).argmax(-1), device, cfg.warmup,
+                             cfg.repeats)
+        seconds = timing["median_s"]
+        flops = prefill_flops(model, batch, length)
+        row["prefill"].append({
+            "batch": batch, "tokens": length, "ttft_ms": seconds * 1e3,
+            "tokens_per_s": batch * length / seconds, "flop_per_s": flops / seconds,
+            "pct_of_matmul": 100 * flops / seconds / matmul,
+            "kv_cache_bytes": engine.kv_cache_bytes(), "peak_allocated_bytes": peak.peak,
+            "timing": timing})
+    engine.allocate(1, 2)  # drop the prefill caches before the decode ones
+    for batch in cfg.batches:
+        row["decode"].append(_bench_decode(engine, cfg, batch, vocab, device, weights, ceil))
+    row["kernels"] = linear_kernels(model)
+    return row
+
+
+def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, device,
+                  weights: dict, ceil: dict) -> dict:
+    # One more slot than prompt + new: the timed loop runs `new` forward steps after the token
+    # chosen from the prefill logits.
+    engine.allocate(batch, cfg.prompt + cfg.new + 1)
+    compile_s = engine.compile_decode() if cfg.compile else None
+    ids = random_tokens(batch, cfg.prompt, vocab, device, cfg.seed + batch)
+    state = {}
+
+    def setup():  # the prefill is not part of the decode figure
+        state["logits"] = engine.prefill(ids)
+        state["positions"] = engine.next_positions(cfg.prompt)
+
+    def loop():
+        engine.decode(state["logits"], state["positions"], cfg.new + 1, stop_on_eos=False)
+
+    with PeakMemory(device) as peak:
+        timing = time_it(loop, device, cfg.warmup, cfg.repeats, setup=setup)
+    seconds = timing["median_s"]
+    step_bytes = decode_bytes_per_step(weights, engine, cfg.prompt + (cfg.new + 1) / 2)
+    bandwidth = ceil["copy"]["bytes_per_s"]
+    ms_per_token = seconds / cfg.new * 1e3
+    roofline_ms = step_bytes / bandwidth * 1e3
+    return {"batch": batch, "prompt": cfg.prompt, "new_tokens": cfg.new,
+            "ms_per_token": ms_per_token, "tokens_per_s": batch * cfg.new / seconds,
+            "bytes_per_step": step_bytes, "achieved_bytes_per_s": step_bytes / (seconds / cfg.new),
+            "roofline_ms_per_token": roofline_ms, "pct_of_roofline": 100 * roofline_ms / ms_per_token,
+            "kv_cache_bytes": engine.kv_cache_bytes(), "peak_allocated_bytes": peak.peak,
+            "compile_s": compile_s, "timing": timing}
+
+
+def decode_bytes_per_step(weights: dict, engine: Engine, mean_context: float) -> float:
+    """Bytes a decode step must read: every weight except the embedding table (only a few rows are
+    gathered), unless the lm_head is tied to it; plus the K and V of the mean context length
+    (the least an attention kernel reads; a static-cache SDPA may read the whole cache)."""
+    tied = weights["lm_head"] == 0
+    weight_read = weights["total"] - (0 if tied else weights["embedding"])
+    kv_full = engine.kv_cache_bytes()
+    return weight_read + kv_full * mean_context / engine.max_len
+
+
+def prefill_flops(model: nn.Module, batch: int, length: int) -> float:
+    """2 x linear parameters x tokens, plus causal attention (QK^T and PV, half the square);
+    the lm_head runs on the last position only."""
+    config = model.config
+    linear = sum(m.in_features * m.out_features for _, m in decoder_linears(model))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 2 * 2 * batch * length * length / 2 * config.num_attention_heads * head_dim \
+        * config.num_hidden_layers
+    lm_head = 2 * batch * config.hidden_size * config.vocab_size
+    return 2 * linear * batch * length + attention + lm_head
+
+
+def linear_kernels(model: nn.Module) -> dict:
+    """Kind of linear (q_proj, ..., lm_head) -> 'Class: kernel' as the last forward ran it."""
+    adapter = adapter_for(model)
+    found: dict[str, dict[str, int]] = {}
+    # "model.layers.3.self_attn.q_proj" -> "self_attn.q_proj"
+    named = [(name[len(adapter.layers_path) + 1:].split(".", 1)[1], m)
+             for name, m in decoder_linears(model)]
+    named.append(("lm_head", adapter.lm_head(model)))
+    for kind, module in named:
+        label = f"{type(module).__name__}: {kernel_of(module)}"
+        found.setdefault(kind, {}).setdefault(label, 0)
+        found[kind][label] += 1
+    return {kind: " + ".join(f"{label} (x{n})" if len(labels) > 1 else label
+                             for label, n in labels.items())
+            for kind, labels in found.items()}
+
+
+def kernel_of(module: nn.Module) -> str:
+    kernel = getattr(module, "kernel", None)
+    if isinstance(kernel, str):
+        return kernel
+    weight = getattr(module, "weight", None)
+    if type(module).__module__.startswith("bitsandbytes"):
+        return f"bitsandbytes {type(module).__name__}"
+    if weight is not None and type(weight) not in (torch.Tensor, nn.Parameter):
+        return f"{type(weight).__name__} (tensor subclass)"  # torchao and similar
+    return "torch.nn.functional.linear"
+
+
+def sync_and_free(device) -> None:
+    synchronize(device)
+    if is_cuda(device):
+        torch.cuda.empty_cache()

@@ -1,0 +1,116 @@
+"""One `compress bench` run: load, ceilings, our engine, peers; the JSON document and its
+Markdown table. Every figure carries the device it was measured on; on a CPU no GPU-only field
+(peak allocated, CUDA events) holds a number."""
+from __future__ import annotations
+
+import torch
+
+from evaluate.bench import BenchConfig, bench_engine, measure_ceilings, sync_and_free
+from evaluate.peers import run_peer
+from evaluate.results import environment
+
+
+def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,
+              progress=print) -> dict:
+    from compress.sources import load_model
+
+    loaded = load_model(source, dtype=dtype, device=device)
+    model = loaded.model
+    progress(f"measuring ceilings on {device}")
+    ceil = measure_ceilings(cfg, device, dtype)
+    progress(f"benchmarking {source} with the compress engine")
+    rows = [bench_engine(model, cfg, device, "compress", ceil)]
+    # The hf peers run on our model object; the quantized peers load their own copies after it.
+    for peer in sorted(cfg.peers, key=lambda name: not name.startswith("hf")):
+        progress(f"peer {peer}")
+        if peer not in ("hf", "hf-eager") and model is not None:
+            # Quantized peers load their own copy: free ours first (an 8B bf16 model is 16 GB).
+            model = loaded.model = None
+            sync_and_free(device)
+        rows.append(run_peer(peer, model, source, cfg, device, ceil))
+    env = environment()
+    if torch.device(device).type != "cuda":
+        env["measured_on"] = "cpu: no GPU figure in this file"
+    return {"kind": "bench", "model": {"source": source, "provenance": loaded.provenance,
+                                       "dtype": str(dtype).removeprefix("torch.")},
+            "protocol": cfg.protocol(device), "ceilings": ceil, "rows": rows,
+            "environment": env}
+
+
+def _fmt(value, digits=2, scale=1.0) -> str:
+    return "-" if value is None else f"{value * scale:,.{digits}f}"
+
+
+def markdown(doc: dict) -> str:
+    env, proto, ceil = doc["environment"], doc["protocol"], doc["ceilings"]
+    device = env.get("gpu") if proto["device"].startswith("cuda") else \
+        f"CPU ({env.get('cpu')}, {env.get('threads')} threads): not a GPU figure"
+    lines = [f"# Benchmark: {doc['model']['source']} ({doc['model']['dtype']})", "",
+             f"- Device: {device}; torch {env['torch']}, transformers {env['transformers']}"
+             + (f", driver {env.get('driver')}" if env.get("driver") else ""),
+             f"- Protocol: prompt {proto['prompt']}, {proto['new_tokens']} new tokens, "
+             f"{proto['decode']}; median of {proto['repeats']} after {proto['warmup']} warm-up; "
+             f"compile {proto['compile']}; {proto['inputs']}",
+             f"- Ceilings measured in this run on {ceil['device']}: copy "
+             f"{ceil['copy']['bytes_per_s'] / 1e9:,.1f} GB/s (read + write), "
+             f"{ceil['matmul']['dtype']} {ceil['matmul']['n']}^3 matmul "
+             f"{ceil['matmul']['flop_per_s'] / 1e12:,.2f} TFLOP/s", ""]
+    lines += ["## Decode", "", "| runner | batch | ms/token | tokens/s | roofline ms | % roofline "
+              "| KV cache MB | peak MB | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in doc["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['name']} | skipped: {row['skipped']} |||||||")
+            continue
+        for d in row["decode"]:
+            lines.append(f"| {row['name']} | {d['batch']} | {_fmt(d['ms_per_token'], 3)} | "
+                         f"{_fmt(d['tokens_per_s'], 1)} | {_fmt(d.get('roofline_ms_per_token'), 3)}"
+                         f" | {_fmt(d.get('pct_of_roofline'), 1)} | "
+                         f"{_fmt(d.get('kv_cache_bytes'), 1, 1e-6)} | "
+                         f"{_fmt(d.get('peak_allocated_bytes'), 0, 1e-6)} | "
+                         f"{_fmt(d.get('compile_s'), 1)} |")
+    lines += ["", "## Prefill", "", "| runner | batch x tokens | TTFT ms | tokens/s | % of matmul "
+              "| peak MB |", "|---|---|---|---|---|---|"]
+    for row in doc["rows"]:
+        for p in row.get("prefill", []):
+            lines.append(f"| {row['name']} | {p['batch']} x {p['tokens']} | "
+                         f"{_fmt(p['ttft_ms'], 2)} | {_fmt(p['tokens_per_s'], 0)} | "
+                         f"{_fmt(p.get('pct_of_matmul'), 1)} | "
+                         f"{_fmt(p.get('peak_allocated_bytes'), 0, 1e-6)} |")
+    lines += ["", "## Memory and kernels", "", "| runner | weights MB | embedding MB | linear MB "
+              "| lm_head MB | kernels |", "|---|---|---|---|---|---|"]
+    for row in doc["rows"]:
+        if "skipped" in row:
+            continue
+        w = row["weight_bytes"]
+        kernels = "; ".join(f"{k}: {v}" for k, v in _compact(row["kernels"]).items())
+        lines.append(f"| {row['name']} | {_fmt(w['total'], 1, 1e-6)} | "
+                     f"{_fmt(w['embedding'], 1, 1e-6)} | {_fmt(w['linear'], 1, 1e-6)} | "
+                     f"{_fmt(w['lm_head'], 1, 1e-6)} | {kernels} |")
+    lines += ["", "Decode roofline = bytes a step must read (weights, the embedding only when "
+              "tied to the lm_head, K and V at the mean context) / the copy bandwidth above. "
+              "Peak memory is null on a CPU: there is no allocator figure comparable to CUDA's.",
+              ""]
+    return "\n".join(lines)
+
+
+def _compact(kernels: dict) -> dict:
+    """Group kinds of linear that ran the same kernel: 'q_proj, k_proj: Linear: F.linear'."""
+    by_label: dict[str, list[str]] = {}
+    for kind, label in kernels.items():
+        by_label.setdefault(label, []).append(kind.rsplit(".", 1)[-1])
+    return {", ".join(kinds): label for label, kinds in by_label.items()}
+
+
+def print_table(doc: dict, write=print) -> None:
+    for row in doc["rows"]:
+        if "skipped" in row:
+            write(f"{row['name']:>14}: skipped ({row['skipped']})")
+            continue
+        for p in row["prefill"]:
+            write(f"{row['name']:>14}: prefill {p['batch']}x{p['tokens']}: TTFT "
+                  f"{p['ttft_ms']:.2f} ms, {p['tokens_per_s']:,.0f} tokens/s")
+        for d in row["decode"]:
+            pct = d.get("pct_of_roofline")
+            write(f"{row['name']:>14}: decode batch {d['batch']}: {d['ms_per_token']:.3f} ms/token, "
+                  f"{d['tokens_per_s']:,.1f} tokens/s"
+                  + (f", {pct:.1f}% of roofline" if pct is not None else ""))

@@ -1,0 +1,152 @@
+"""Peers measured in the same run as our engine, as rows of the same table.
+
+- hf / hf-eager: Hugging Face `generate` with a static cache, what most users run, timed end to
+  end (its own prefill, token loop and stopping logic). On CUDA `hf` lets transformers
+  auto-compile the forward as it does by default for static caches; `hf-eager` disables that.
+- bnb-int8 / bnb-nf4: bitsandbytes LLM.int8 and NF4 loaded through transformers'
+  BitsAndBytesConfig, run by our engine (CUDA only).
+- torchao-int4 / torchao-int8: torchao weight-only quantization (`quantize_`), run by our engine
+  (CUDA only, and only where torchao imports).
+A peer that cannot run becomes a row with `skipped` and the reason, never a silent gap.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+
+import torch
+
+from evaluate.bench import BenchConfig, bench_engine, linear_kernels, sync_and_free
+from evaluate.engine import random_tokens
+from evaluate.memory import weight_bytes
+from evaluate.timing import PeakMemory, is_cuda, time_it
+
+
+def run_peer(name: str, model, source: str, cfg: BenchConfig, device, ceil: dict) -> dict:
+    """Measure one peer; any failure becomes a skipped row with a one-line reason."""
+    try:
+        reason = _unavailable(name, device, source)
+        if reason:
+            return skipped(name, reason)
+        if name in ("hf", "hf-eager"):
+            return bench_hf_generate(model, cfg, device, ceil, compile_auto=name == "hf")
+        peer_model = _load_bnb(name, source) if name.startswith("bnb") else \
+            _load_torchao(name, source, device)
+        try:
+            row = bench_engine(peer_model, cfg, device, name, ceil)
+        finally:
+            del peer_model
+            sync_and_free(device)
+        row["runner"] += f"; weights by {name.split('-')[0]}"
+        return row
+    except Exception as exc:  # a peer's failure must not lose the rows already measured
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return skipped(name, f"failed: {type(exc).__name__}: {first}")
+
+
+def skipped(name: str, reason: str) -> dict:
+    return {"name": name, "skipped": reason}
+
+
+def _unavailable(name: str, device, source: str) -> str | None:
+    if name.startswith(("bnb", "torchao")) and not is_cuda(device):
+        return "CUDA only"
+    if name.startswith("bnb") and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
+    if name.startswith("torchao") and importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed"
+    if name.startswith(("bnb", "torchao")) and os.path.exists(os.path.join(source, "compress.json")):
+        return "needs a float model source, not a compress checkpoint"
+    return None
+
+
+def bench_hf_generate(model, cfg: BenchConfig, device, ceil: dict, compile_auto: bool) -> dict:
+    """`model.generate` with a static cache: TTFT = generate(1 token); decode ms/token =
+    (generate(new + 1) - generate(1)) / new, so its whole token loop is inside the figure."""
+    from transformers import GenerationConfig
+
+    compiled = compile_auto and is_cuda(device)
+    row = {"name": "hf" if compile_auto else "hf-eager",
+           "runner": "transformers generate (static cache"
+                     + (", auto-compiled forward)" if compiled else ", eager)"),
+           "compiled": compiled, "weight_bytes": weight_bytes(model), "prefill": [], "decode": []}
+    vocab = model.config.vocab_size
+
+    def generate(ids, new):
+        config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  cache_implementation="static", eos_token_id=None,
+                                  pad_token_id=model.config.pad_token_id or 0,
+                                  disable_compile=not compile_auto)
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=torch.ones_like(ids),
+                                  generation_config=config)
+
+    for batch, length in cfg.prefill:
+        ids = random_tokens(batch, length, vocab, device, cfg.seed)
+        with PeakMemory(device) as peak:
+            timing = time_it(lambda: generate(ids, 1), device, cfg.warmup, cfg.repeats)
+        seconds = timing["median_s"]
+        row["prefill"].append({"batch": batch, "tokens": length, "ttft_ms": seconds * 1e3,
+                               "tokens_per_s": batch * length / seconds,
+                               "peak_allocated_bytes": peak.peak, "timing": timing})
+        sync_and_free(device)
+    for batch in cfg.batches:
+        ids = random_tokens(batch, cfg.prompt, vocab, device, cfg.seed + batch)
+        with PeakMemory(device) as peak:
+            first = time_it(lambda: generate(ids, 1), device, cfg.warmup, cfg.repeats)
+            full = time_it(lambda: generate(ids, cfg.new + 1), device, cfg.warmup, cfg.repeats)
+        seconds = max(full["median_s"] - first["median_s"], 1e-12)
+        row["decode"].append({"batch": batch, "prompt": cfg.prompt, "new_tokens": cfg.new,
+                              "ms_per_token": seconds / cfg.new * 1e3,
+                              "tokens_per_s": batch * cfg.new / seconds,
+                              "end_to_end_s": full["median_s"], "peak_allocated_bytes": peak.peak,
+                              "timing": {"generate_1": first, "generate_new_plus_1": full}})
+        sync_and_free(device)
+    row["kernels"] = linear_kernels(model)
+    return row
+
+
+def _load_bnb(name: str, source: str):
+    """Load `source` through transformers with a BitsAndBytesConfig. Random shapes are written to
+    a temporary folder first, since quantization happens in `from_pretrained`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if name == "bnb-int8":
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    kwargs = dict(quantization_config=quant, dtype=torch.bfloat16, device_map="cuda")
+    if source.startswith("random:"):
+        from compress.sources import load_random
+
+        with tempfile.TemporaryDirectory(prefix="compress-bench-") as folder:
+            float_model = load_random(source.split(":", 1)[1], torch.bfloat16,
+                                      device="cuda").model
+            float_model.save_pretrained(folder)
+            del float_model
+            sync_and_free("cuda")
+            return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    if source == "smollm2-135m" or source.endswith(".gguf"):
+        from compress.sources import SMOLLM2_FILE, smollm2_path
+
+        path = smollm2_path() if source == "smollm2-135m" else source
+        folder, file = os.path.split(os.path.abspath(path))
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=file or SMOLLM2_FILE,
+                                                    **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+
+
+def _load_torchao(name: str, source: str, device):
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    from compress.sources import load_model
+
+    model = load_model(source, dtype=torch.bfloat16, device=str(device)).model
+    widths = (model.config.hidden_size, model.config.intermediate_size)
+    group = 128 if all(w % 128 == 0 for w in widths) else 64  # smollm2's 576 needs 64
+    config = Int4WeightOnlyConfig(group_size=group) if name == "torchao-int4" else \
+        Int8WeightOnlyConfig()
+    quantize_(model, config)
+    return model

@@ -1,0 +1,107 @@
+"""Timing per PROTOCOL.md: warm-up first, CUDA events on CUDA (perf_counter after synchronize on
+CPU), the median of repeats; and the device ceilings (copy bandwidth, matmul rate) measured in
+the same run, so that a roofline percentage never mixes two machines' figures."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def synchronize(device) -> None:
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], object], device, warmup: int = 2, repeats: int = 5,
+            setup: Callable[[], object] | None = None) -> dict:
+    """Seconds per call of `fn`: median, min, max and every sample.
+
+    `setup` runs before each call, outside the timed region (e.g. resetting a cache, a prefill
+    before timing decode). On CUDA the region is bounded by events on the current stream, so
+    host-side launch overhead inside `fn` counts but work queued by `setup` does not.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        if setup:
+            setup()
+        samples.append(_one(fn, device))
+    return {"median_s": statistics.median(samples), "min_s": min(samples),
+            "max_s": max(samples), "samples_s": samples, "repeats": repeats, "warmup": warmup,
+            "clock": "cuda-events" if is_cuda(device) else "perf_counter"}
+
+
+def _one(fn, device) -> float:
+    if is_cuda(device):
+        # Wait for setup's work first so that it does not run inside the timed region.
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def copy_bandwidth(device, nbytes: int, warmup: int = 2, repeats: int = 10) -> dict:
+    """Device-to-device copy rate in bytes/s, counting bytes read + written (2 x nbytes)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    timing = time_it(lambda: dst.copy_(src), device, warmup, repeats)
+    moved = 2 * src.nbytes
+    del src, dst
+    return {"bytes_per_s": moved / timing["median_s"], "buffer_bytes": moved // 2,
+            "counting": "read + write", "median_s": timing["median_s"]}
+
+
+def matmul_rate(device, n: int, dtype: torch.dtype, warmup: int = 2, repeats: int = 10) -> dict:
+    """FLOP/s of an n x n x n matmul (2 n^3 FLOP) in `dtype` with random operands."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    timing = time_it(lambda: torch.matmul(a, b, out=out), device, warmup, repeats)
+    del a, b, out
+    return {"flop_per_s": 2 * n ** 3 / timing["median_s"], "n": n,
+            "dtype": str(dtype).removeprefix("torch."), "median_s": timing["median_s"]}
+
+
+def ceilings(device, copy_bytes: int, matmul_n: int, dtype: torch.dtype) -> dict:
+    """Both ceilings, labelled with the device they were measured on."""
+    return {"device": str(device), "copy": copy_bandwidth(device, copy_bytes),
+            "matmul": matmul_rate(device, matmul_n, dtype)}
+
+
+class PeakMemory:
+    """Peak allocated bytes inside a `with` block on CUDA; None on CPU (no honest equivalent)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self):
+        if is_cuda(self.device):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if is_cuda(self.device):
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        return False

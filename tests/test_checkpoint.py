@@ -1,0 +1,59 @@
+"""Save and reload compressed checkpoints exactly; the source model is never modified."""
+import os
+
+import pytest
+import torch
+
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.errors import UserError
+from compress.passes import pass_table
+from compress.quant.rtn import RTNConfig, rtn
+
+
+@pytest.mark.parametrize("config", [RTNConfig(bits=8), RTNConfig(bits=4, group_size=32),
+                                    RTNConfig(bits=4, group_size=64, symmetric=False)])
+def test_reload_gives_bit_identical_logits(tiny, tokens, tmp_path, config):
+    model = rtn(tiny.model, config)
+    with torch.no_grad():
+        before = model(tokens).logits
+    out = tmp_path / "ckpt"
+    save_checkpoint(model, tiny.tokenizer, str(out), {"name": "t"}, tiny.provenance)
+    reloaded = load_checkpoint(str(out))
+    with torch.no_grad():
+        after = reloaded.model(tokens).logits
+    assert torch.equal(before, after)
+    # Tied embeddings stay tied after reload.
+    m = reloaded.model
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_quantized_checkpoint_is_smaller_on_disk(tiny, tmp_path):
+    save_checkpoint(tiny.model, tiny.tokenizer, str(tmp_path / "float"), None, {})
+    model = rtn(tiny.model, RTNConfig(bits=4, group_size=32))
+    save_checkpoint(model, tiny.tokenizer, str(tmp_path / "int4"), None, {})
+    size = lambda d: os.path.getsize(tmp_path / d / "model.safetensors")  # noqa: E731
+    linear_float = sum(p.numel() * 4 for n, p in tiny.model.named_parameters() if "proj" in n)
+    assert size("int4") < size("float") - linear_float * 0.7
+
+
+def test_existing_output_needs_overwrite_and_failure_leaves_nothing(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    save_checkpoint(tiny.model, tiny.tokenizer, str(out), None, {})
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        save_checkpoint(tiny.model, tiny.tokenizer, str(out), None, {})
+    with pytest.raises(RuntimeError):
+        # A model whose state dict cannot be read fails mid-write: no temporary folder remains
+        # and the old checkpoint is untouched.
+        class Broken(torch.nn.Module):
+            config = tiny.model.config
+
+            def state_dict(self):
+                raise RuntimeError("boom")
+        save_checkpoint(Broken(), None, str(out), None, {}, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert load_checkpoint(str(out)).model is not None
+
+
+def test_rtn_pass_is_registered():
+    assert pass_table()["rtn"].config_cls is RTNConfig

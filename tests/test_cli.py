@@ -1,0 +1,95 @@
+"""The CLI end to end on a tiny random model: quantize, eval, run, report, sweep, and bad input."""
+import json
+import os
+
+import pytest
+import yaml
+
+from compress.cli import main
+
+EVAL = ["--windows", "2", "--seq-len", "64"]
+
+
+def test_quantize_eval_reload_and_report(tmp_path, capsys):
+    out = tmp_path / "int4"
+    assert main(["quantize", "random:tiny", "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--asymmetric", "--out", str(out), "--eval", *EVAL]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"model", "recipe", "protocol", "metrics", "environment"}
+    assert results["recipe"]["passes"] == [{"pass": "rtn", "bits": 4, "group_size": 32,
+                                            "symmetric": False}]
+    assert results["protocol"]["eval_windows"] == 2 and results["protocol"]["eval_seq_len"] == 64
+
+    base = tmp_path / "base.json"
+    assert main(["eval", "random:tiny", "--out", str(base), *EVAL]) == 0
+    again = tmp_path / "again.json"
+    assert main(["eval", str(out), "--out", str(again), *EVAL]) == 0
+    reloaded = json.loads(again.read_text())
+    # The reloaded checkpoint evaluates to the same figure as the in-memory compressed model.
+    assert reloaded["metrics"]["perplexity"] == results["metrics"]["perplexity"]
+    assert reloaded["metrics"]["weight_bytes"] == results["metrics"]["weight_bytes"]
+    float_bytes = json.loads(base.read_text())["metrics"]["weight_bytes"]
+    assert results["metrics"]["weight_bytes"]["linear"] < 0.2 * float_bytes["linear"]
+
+    report = tmp_path / "report.md"
+    assert main(["report", str(base), str(out), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert "rtn-w4-g32-asym" in text and "baseline" in text and "Δ ppl %" in text
+
+
+def test_run_recipe_and_sweep(tmp_path):
+    recipe = tmp_path / "int8.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "int8", "passes": [{"pass": "rtn", "bits": 8}]}))
+    assert main(["run", str(recipe), "--model", "random:tiny", "--out", str(tmp_path / "r"),
+                 *EVAL]) == 0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["recipe"]["name"] == "int8"
+    assert main(["sweep", str(recipe), "--model", "random:tiny", "--out", str(tmp_path / "s"),
+                 *EVAL]) == 0
+    assert sorted(os.listdir(tmp_path / "s")) == ["baseline.json", "int8.json", "report.md"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize", "random:tiny", "--method", "nope", "--out", "X"], "unknown quantize method 'nope'; allowed: "),
+    (["quantize", "random:tiny", "--method", "rtn", "--bits", "4", "--group-size", "48", "--out", "X"],
+     "group size 48 does not divide the input width 64"),
+    (["quantize", "random:tiny", "--method", "rtn", "--bits", "5", "--out", "X"], "bits must be one of 4, 8"),
+    (["quantize", "random:nope", "--method", "rtn", "--out", "X"], "unknown random shape 'nope'; allowed:"),
+    (["quantize", "missing.gguf", "--method", "rtn", "--out", "X"], "is not a model folder or an existing .gguf"),
+    (["eval", "random:tiny", "--corpus", "missing.txt"], "corpus file 'missing.txt' does not exist"),
+    (["run", "missing.yaml", "--out", "X"], "recipe file 'missing.yaml' does not exist"),
+    (["report", "missing.json", "--out", "X"], "results file 'missing.json' does not exist"),
+    (["quantize", "random:tiny", "--method", "rtn", "--option", "color=red", "--out", "X"],
+     r"unknown field(s) color for pass 'rtn'"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not os.path.exists(tmp_path / "X")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "X").mkdir()
+    assert main(["quantize", "random:tiny", "--method", "rtn", "--out", str(tmp_path / "X")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "X") == []
+
+
+def test_usage_errors_exit_2_on_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "random:tiny", "--bogus"])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_help_explains_every_subcommand(capsys):
+    from compress.cli import SUBCOMMANDS
+
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: compress " + name in capsys.readouterr().out

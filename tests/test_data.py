@@ -1,0 +1,33 @@
+"""Corpus splits follow PROTOCOL.md: fixed windows, calibration never overlaps evaluation."""
+import pytest
+import torch
+
+from compress.data import calibration_samples, eval_windows, load_corpus
+from compress.errors import UserError
+from compress.sources import byte_tokenizer
+
+
+def test_pydoc_split_is_fixed_and_disjoint():
+    corpus = load_corpus("pydoc", byte_tokenizer())
+    windows = eval_windows(corpus, 1024, 20)
+    calib = calibration_samples(corpus, 64, 512)
+    assert windows.shape == (20, 1024) and calib.shape == (64, 512)
+    stream = torch.cat([corpus.eval_ids, corpus.calib_ids])
+    half = len(stream) // 2
+    assert torch.equal(windows.flatten(), stream[: 20 * 1024])
+    assert torch.equal(calib.flatten(), stream[half: half + 64 * 512])
+
+
+def test_local_text_and_jsonl_files(tmp_path):
+    text = "hello world. " * 400
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "a.jsonl").write_text('{"text": "%s"}\n' % text)
+    for name in ("a.txt", "a.jsonl"):
+        corpus = load_corpus(str(tmp_path / name), byte_tokenizer())
+        assert eval_windows(corpus, 64, None).shape[1] == 64
+
+
+def test_too_few_windows_is_a_user_error(tmp_path):
+    (tmp_path / "small.txt").write_text("tiny")
+    with pytest.raises(UserError, match="evaluation windows"):
+        eval_windows(load_corpus(str(tmp_path / "small.txt"), byte_tokenizer()), 64, 1)

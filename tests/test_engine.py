@@ -1,0 +1,131 @@
+"""The inference engine: same tokens as HF generate, static cache == no cache, EOS, sampling."""
+import pytest
+import torch
+
+from compress.errors import UserError
+from compress.sources import load_random
+from evaluate.engine import Engine, Sampling, random_tokens, select_tokens
+
+
+@pytest.fixture(scope="module")
+def lively():
+    """The tiny Llama with larger weights: std-0.02 random models repeat one token forever,
+    which would make token-for-token comparisons vacuous."""
+    model = load_random("tiny").model.eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.3 if "embed" in name else 0.15,
+                              generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def test_greedy_matches_hf_generate_token_for_token(lively):
+    ids = random_tokens(3, 12, 256, "cpu", seed=3)
+    engine = Engine(lively)
+    engine.allocate(3, 48)
+    ours = engine.generate(ids, 30).tokens
+    hf = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30,
+                         do_sample=False, eos_token_id=None, pad_token_id=257)[:, 12:]
+    assert len(set(ours.flatten().tolist())) > 10  # a real sequence, not one repeated token
+    assert torch.equal(ours, hf)
+
+
+def test_left_padded_batch_matches_hf_generate(lively):
+    ids = random_tokens(3, 10, 256, "cpu", seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    ids[mask == 0] = 257
+    engine = Engine(lively)
+    engine.allocate(3, 32)
+    ours = engine.generate(ids, 16, attention_mask=mask).tokens
+    hf = lively.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                         eos_token_id=None, pad_token_id=257)[:, 10:]
+    assert torch.equal(ours, hf)
+
+
+def test_static_cache_logits_equal_a_full_forward_without_cache(lively):
+    ids = random_tokens(2, 9, 256, "cpu", seed=5)
+    engine = Engine(lively)
+    engine.allocate(2, 24)
+    step_logits = [engine.prefill(ids)]
+    positions = engine.next_positions(9)
+    tokens = []
+    for _ in range(6):
+        token = step_logits[-1].argmax(-1)
+        tokens.append(token)
+        step_logits.append(engine.decode_step(token, positions).clone())
+        positions += 1
+    full_ids = torch.cat([ids, torch.stack(tokens, dim=1)], dim=1)
+    with torch.no_grad():
+        full = lively(full_ids, use_cache=False).logits
+    for i, logits in enumerate(step_logits):
+        torch.testing.assert_close(logits, full[:, 8 + i], rtol=1e-4, atol=1e-4)
+
+
+def test_eos_stops_its_sequence_while_the_others_continue(lively):
+    ids = random_tokens(3, 12, 256, "cpu", seed=3)
+    engine = Engine(lively)
+    engine.allocate(3, 60)
+    free = engine.generate(ids, 40).tokens
+    # EOS = a token that sequence 0 emits at step 5 and sequence 2 never emits.
+    eos = next(t for t in free[0, 5:].tolist() if t not in free[2].tolist())
+    stop = free[0].tolist().index(eos)
+    out = engine.generate(ids, 40, eos_token_id=eos, pad_token_id=0)
+    assert out.lengths[0] == stop + 1
+    assert torch.equal(out.tokens[0, :stop + 1], free[0, :stop + 1])
+    assert torch.all(out.tokens[0, stop + 1:] == 0)
+    assert out.lengths[2] == 40 and torch.equal(out.tokens[2], free[2])
+    assert out.tokens.shape[1] == 40
+
+
+def test_generation_ends_early_when_every_sequence_hit_eos(lively):
+    ids = random_tokens(1, 12, 256, "cpu", seed=3)
+    engine = Engine(lively)
+    engine.allocate(1, 60)
+    free = engine.generate(ids, 20).tokens
+    out = engine.generate(ids, 20, eos_token_id=int(free[0, 3]))
+    assert out.tokens.shape[1] <= 4 and out.lengths[0] == out.tokens.shape[1]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_differs_with_another(lively):
+    ids = random_tokens(2, 8, 256, "cpu", seed=6)
+    engine = Engine(lively)
+    engine.allocate(2, 40)
+    first = engine.generate(ids, 24, Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=1))
+    again = engine.generate(ids, 24, Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=1))
+    other = engine.generate(ids, 24, Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=2))
+    assert torch.equal(first.tokens, again.tokens)
+    assert not torch.equal(first.tokens, other.tokens)
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    top2 = select_tokens(logits, Sampling(temperature=1.0, top_k=2), gen)
+    assert set(top2.tolist()) == {0, 1}
+    # softmax mass: 0.64, 0.24, 0.09, ... -> top_p 0.8 keeps the first two tokens only.
+    nucleus = select_tokens(logits, Sampling(temperature=1.0, top_p=0.8), gen)
+    assert set(nucleus.tolist()) == {0, 1}
+    assert torch.equal(select_tokens(logits, Sampling(), gen), torch.zeros(2000, dtype=torch.long))
+
+
+def test_bad_settings_are_user_errors(lively):
+    with pytest.raises(UserError):
+        Sampling(top_p=0.0)
+    with pytest.raises(UserError):
+        Sampling(temperature=-1.0)
+    engine = Engine(lively)
+    engine.allocate(1, 16)
+    with pytest.raises(UserError, match="exceed the cache"):
+        engine.generate(random_tokens(1, 10, 256, "cpu"), 10)
+
+
+def test_kv_cache_bytes_are_the_static_allocation(lively):
+    engine = Engine(lively)
+    engine.allocate(3, 40)
+    config = lively.config
+    expected = 2 * config.num_hidden_layers * 3 * config.num_key_value_heads * 40 * \
+        config.head_dim * 4
+    assert engine.kv_cache_bytes() == expected

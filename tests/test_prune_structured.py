@@ -1,0 +1,172 @@
+"""Structured pruning really shrinks tiny models, which save, reload and keep their logits."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from compress.adapters import adapter_for
+from compress.calibration import CalibrationData
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.errors import UserError
+from compress.passes import build_config, pass_table
+from compress.prune import shrink
+
+
+def _prune(model, name, tokens, **fields):
+    spec = pass_table()[name]
+    return spec.apply(model, build_config(spec, fields), CalibrationData(tokens, 2, "cpu"))
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def _roundtrip(model, tokens, tmp_path, stock: bool):
+    """Saved and reloaded (compress always; stock transformers when shapes are uniform)."""
+    before = _logits(model, tokens)
+    save_checkpoint(model, None, str(tmp_path / "ck"), None, {})
+    assert torch.equal(_logits(load_checkpoint(str(tmp_path / "ck")).model, tokens), before)
+    if stock:
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck"))
+        assert torch.equal(_logits(reloaded, tokens), before)
+    return json.loads((tmp_path / "ck" / "compress.json").read_text())
+
+
+def test_mlp_channels_shrink_reload_and_stock_load(tiny_model, tokens, tmp_path):
+    model = _prune(tiny_model, "mlp-channels", tokens, ratio=0.25)
+    a = adapter_for(model)
+    for layer in a.layers(model):
+        assert layer.get_submodule(f"{a.mlp}.{a.gate}").weight.shape == (144, 64)
+        assert layer.get_submodule(f"{a.mlp}.{a.down}").weight.shape == (64, 144)
+    assert model.config.intermediate_size == 144
+    report = model.compress_report["structured"]
+    assert report["parameters_before"] - report["parameters_after"] == 2 * 3 * 48 * 64
+    meta = _roundtrip(model, tokens, tmp_path, stock=True)
+    assert "shapes" not in meta
+
+
+def test_mlp_channels_global_scope_per_layer_shapes_reload(tiny_model, tokens, tmp_path):
+    model = _prune(tiny_model, "mlp-channels", tokens, ratio=0.25, scope="global")
+    widths = model.compress_report["structured"]["intermediate_per_layer"]
+    assert sum(widths) == 2 * 144 and len(set(widths)) == 2   # same total, different widths
+    meta = _roundtrip(model, tokens, tmp_path, stock=False)
+    narrow = widths.index(min(widths))
+    assert meta["shapes"][f"model.layers.{narrow}.mlp.down_proj"] == [64, min(widths), False]
+
+
+@pytest.mark.parametrize("mode,heads,kv", [("kv-groups", 2, 1), ("query", 2, 2)])
+def test_heads_shrink_and_reload(tiny_model, tokens, tmp_path, mode, heads, kv):
+    model = _prune(tiny_model, "heads", tokens, ratio=0.5, mode=mode)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (heads, kv)
+    a = adapter_for(model)
+    attention = a.layers(model)[0].get_submodule(a.attention)
+    assert attention.get_submodule(a.q).weight.shape == (heads * 16, 64)
+    assert attention.get_submodule(a.k).weight.shape == (kv * 16, 64)
+    _roundtrip(model, tokens, tmp_path, stock=True)
+
+
+def test_pruning_dead_mlp_channels_leaves_outputs_unchanged(tiny_model, tokens):
+    a = adapter_for(tiny_model)
+    for layer in a.layers(tiny_model):
+        # Channels whose gate and up rows are zero output silu(0) * 0 = 0: they are dead.
+        for name in (a.gate, a.up):
+            layer.get_submodule(f"{a.mlp}.{name}").weight.data[::4] = 0
+    before = _logits(tiny_model, tokens)
+    model = _prune(tiny_model, "mlp-channels", tokens, ratio=0.25)
+    assert torch.allclose(_logits(model, tokens), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["kv-groups", "query"])
+def test_pruning_dead_heads_leaves_outputs_unchanged(tiny_model, tokens, mode):
+    a = adapter_for(tiny_model)
+    for layer in a.layers(tiny_model):
+        attention = layer.get_submodule(a.attention)
+        if mode == "kv-groups":   # KV head 1 outputs zero values: its 2 query heads are dead
+            attention.get_submodule(a.v).weight.data[16:32] = 0
+        else:                     # query heads 1 and 3 (one per group) feed zero o_proj columns
+            o = attention.get_submodule(a.o).weight.data
+            o[:, 16:32] = 0
+            o[:, 48:64] = 0
+    before = _logits(tiny_model, tokens)
+    model = _prune(tiny_model, "heads", tokens, ratio=0.5, mode=mode)
+    assert model.config.num_attention_heads == 2
+    assert torch.allclose(_logits(model, tokens), before, atol=1e-5)
+
+
+def test_drop_layers_renumbers_kv_cache_and_reloads(tokens, tmp_path):
+    from compress.shapes import llama_config
+
+    config = llama_config("tiny")
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model = _prune(model, "layers", tokens, drop=2)
+    a = adapter_for(model)
+    report = model.compress_report["structured"]
+    influence = report["block_influence"]
+    assert report["dropped"] == sorted(sorted(range(4), key=lambda i: influence[i])[:2])
+    assert model.config.num_hidden_layers == len(a.layers(model)) == 2
+    assert [layer.get_submodule(a.attention).layer_idx for layer in a.layers(model)] == [0, 1]
+    # Incremental decoding with a KV cache matches the full forward (cache slots renumbered).
+    with torch.no_grad():
+        full = model(tokens[:1]).logits[0, -1]
+        cache = DynamicCache(config=model.config)
+        model(tokens[:1, :-1], cache=cache, use_cache=True)
+        assert len(cache.layers) == 2
+        step = model(tokens[:1, -1:], cache=cache, use_cache=True).logits[0, -1]
+    assert torch.allclose(full, step, atol=1e-4)
+    _roundtrip(model, tokens, tmp_path, stock=True)
+
+
+def test_drop_layers_keeps_the_named_layers_in_order(tiny_model):
+    from compress.prune.structured import drop_layers
+
+    a = adapter_for(tiny_model)
+    second = a.layers(tiny_model)[1]
+    drop_layers(tiny_model, [0])
+    assert list(a.layers(tiny_model)) == [second]
+    assert second.get_submodule(a.attention).layer_idx == 0
+
+
+def test_compensation_reduces_output_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g) @ (torch.eye(32) + 0.3 * torch.randn(32, 32, generator=g))
+    w = torch.randn(16, 32, generator=g)
+    h = x.t() @ x / 512
+    keep = shrink.keep_indices(32, shrink.lowest(shrink.column_energy(w, h), 8))
+    refit = shrink.compensate(w, h, keep, damp=1e-4)
+    plain_err = (x @ w.t() - x[:, keep] @ w[:, keep].t()).pow(2).mean()
+    refit_err = (x @ w.t() - x[:, keep] @ refit.t()).pow(2).mean()
+    assert refit_err < 0.8 * plain_err
+
+
+def test_head_energy_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 48, generator=g)
+    w = torch.randn(8, 48, generator=g)
+    energy = shrink.head_energy(w, x.t() @ x, head_dim=16)
+    direct = torch.stack([(x[:, i * 16:(i + 1) * 16] @ w[:, i * 16:(i + 1) * 16].t()).pow(2).sum()
+                          for i in range(3)])
+    assert torch.allclose(energy, direct, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,fields,message", [
+    ("mlp-channels", {"ratio": 1.0}, r"ratio must be in \(0, 1\)"),
+    ("mlp-channels", {"scope": "model"}, "scope must be one of layer, global"),
+    ("heads", {"mode": "random"}, "mode must be one of kv-groups, query"),
+    ("layers", {"drop": 0}, "drop must be at least 1"),
+])
+def test_structured_config_errors(name, fields, message):
+    with pytest.raises(UserError, match=message):
+        build_config(pass_table()[name], fields)
+
+
+def test_structured_runtime_errors(tiny_model, tokens):
+    with pytest.raises(UserError, match="KV groups"):
+        _prune(tiny_model, "heads", tokens, ratio=0.1)
+    with pytest.raises(UserError, match="below the model's 2 layers"):
+        _prune(tiny_model, "layers", tokens, drop=2)

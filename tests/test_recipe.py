@@ -1,0 +1,57 @@
+"""The recipe loader is strict: unknown keys, passes, fields and bad types are one-line errors."""
+import pytest
+
+from compress.errors import UserError
+from compress.recipe import load_recipe, recipe_from_dict
+
+
+def _recipe(**overrides):
+    data = {"name": "r", "passes": [{"pass": "rtn", "bits": 4, "group_size": 64}]}
+    data.update(overrides)
+    return data
+
+
+def test_resolved_recipe_fills_defaults_and_hashes():
+    resolved = recipe_from_dict(_recipe(), "r").resolved()
+    assert resolved["passes"] == [{"pass": "rtn", "bits": 4, "group_size": 64, "symmetric": True}]
+    assert resolved["calibration"] == {"samples": 64, "seq_len": 512, "batch_size": 8}
+    assert len(resolved["hash"]) == 12
+    assert recipe_from_dict(_recipe(name="other"), "x").resolved()["hash"] == resolved["hash"]
+
+
+def test_group_size_default_depends_on_bits():
+    assert recipe_from_dict(_recipe(passes=[{"pass": "rtn", "bits": 8}]), "r").passes[0][1].group_size == 0
+    assert recipe_from_dict(_recipe(passes=[{"pass": "rtn", "bits": 4}]), "r").passes[0][1].group_size == 64
+
+
+@pytest.mark.parametrize("data,message", [
+    (_recipe(extra=1), r"unknown key\(s\) extra; allowed: calibration, corpus"),
+    (_recipe(passes=[{"pass": "nope"}]), r"unknown pass 'nope'; allowed: .*rtn"),
+    (_recipe(passes=[{"pass": "rtn", "bitz": 4}]), r"unknown field\(s\) bitz .*allowed: bits"),
+    (_recipe(passes=[{"pass": "rtn", "bits": 3}]), r"bits must be one of 4, 8"),
+    (_recipe(passes=[{"pass": "rtn", "bits": "four"}]), r"rtn.bits must be of type int"),
+    (_recipe(passes=[]), r"'passes' must be a non-empty list"),
+    (_recipe(calibration={"samplez": 3}), r"calibration: unknown key\(s\) samplez"),
+    (["not", "a", "mapping"], r"must be a mapping"),
+])
+def test_bad_recipes_are_rejected(data, message):
+    with pytest.raises(UserError, match=message):
+        recipe_from_dict(data, "r")
+
+
+def test_every_shipped_recipe_loads():
+    import glob
+
+    paths = glob.glob("recipes/*.yaml")
+    assert paths
+    for path in paths:
+        assert load_recipe(path).passes
+
+
+def test_missing_and_invalid_recipe_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes: [\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(str(bad))

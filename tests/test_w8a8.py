@@ -1,0 +1,150 @@
+"""SmoothQuant W8A8 int8: the int8 matmul against float, smoothing as an exact identity, the pass,
+reload and the CLI."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compress.adapters import adapter_for
+from compress.calibration import CalibrationData, collect_linear_inputs, run_layerwise
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.cli import main
+from compress.errors import UserError
+from compress.formats.w8a8 import W8A8Linear, fake_quantize_rows, quantize_rows
+from compress.passes import build_config, pass_table
+from compress.quant.smoothquant import (SmoothQuantConfig, quantize_layer, smooth_layer,
+                                        smoothing_scales, smoothquant, update_channel_absmax)
+
+
+def _linear(in_features=256, out_features=96, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=True)
+    linear.weight.data.normal_(0, 0.02)
+    linear.bias.data.normal_(0, 0.01)
+    return linear
+
+
+def test_row_quantization_is_within_half_a_step():
+    x = torch.randn(40, 128) * torch.logspace(-2, 1, 40)[:, None]
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127 and scale.shape == (40, 1)
+    assert torch.all((fake_quantize_rows(x) - x).abs() <= scale / 2 + 1e-7)
+
+
+def test_int8_matmul_error_within_the_rounding_bound():
+    """|y - y_ref| <= sum_i |dx_i||w_i| + |x_i||dw_i| + |dx_i||dw_i|, with |dx| <= sx/2 and
+    |dw| <= sw/2 per element: the bound follows from the rounding steps alone."""
+    linear = _linear()
+    x = torch.randn(33, 256)
+    x[:, 7] *= 30          # an outlier channel, as LLM activations have
+    layer = W8A8Linear.from_float(linear)
+    y_float = linear(x)
+    y = layer.reference_forward(x)
+    sx = quantize_rows(x)[1]                    # [tokens, 1]
+    sw = layer.scales.t()                       # [1, out]
+    bound = (sx / 2) * linear.weight.abs().sum(1)[None, :] + (sw / 2) * x.abs().sum(1, keepdim=True) \
+        + sx * sw / 4 * x.shape[1]
+    assert torch.all((y - y_float).abs() <= bound + 1e-6)
+    sqnr = 10 * torch.log10(y_float.pow(2).sum() / (y - y_float).pow(2).sum())
+    assert sqnr > 20
+
+
+def test_fast_int_mm_equals_the_reference_up_to_float_rounding():
+    """torch._int_mm (exact int32 sums) against the float reference: same numbers, summed in a
+    different order, so they agree to float32 rounding (1e-5 of the output scale)."""
+    layer = W8A8Linear.from_float(_linear())
+    for tokens in (1, 17, 40):          # includes shapes cuBLAS would refuse (m <= 16)
+        x = torch.randn(2, tokens, 256)
+        fast, ref = layer.fast_forward(x), layer.reference_forward(x)
+        assert fast.shape == (2, tokens, 96)
+        assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    layer(x)
+    assert layer.kernel in ("reference", "torch._int_mm")
+
+
+def test_smoothing_scales_follow_the_formula():
+    act, w = torch.tensor([4.0, 9.0, 0.0]), torch.tensor([1.0, 4.0, 2.0])
+    s = smoothing_scales(act, w, alpha=0.5)
+    assert torch.allclose(s[:2], torch.tensor([2.0, 1.5]))
+    assert s[2] == 1.0                  # a dead channel is left alone
+    assert torch.allclose(smoothing_scales(act, w, 1.0)[:2], act[:2])
+
+
+def _smooth_only(model, samples, smooth_down):
+    adapter = adapter_for(model)
+
+    def compress_layer(_index, layer, forward):
+        stats = {}
+        watched = {"attention": layer.self_attn.q_proj, "mlp": layer.mlp.gate_proj,
+                   "down": layer.mlp.down_proj}
+        collect_linear_inputs(watched, forward,
+                              lambda k, x: stats.__setitem__(k, update_channel_absmax(stats.get(k), x)))
+        smooth_layer(layer, adapter, stats, 0.5, smooth_down)
+
+    run_layerwise(model, samples, compress_layer, batch_size=2)
+
+
+@pytest.mark.parametrize("smooth_down", [False, True])
+def test_smoothing_leaves_the_float_function_unchanged(tiny_model, tokens, smooth_down):
+    with torch.no_grad():
+        before = tiny_model(tokens).logits
+        norm_before = tiny_model.model.layers[0].input_layernorm.weight.clone()
+        _smooth_only(tiny_model, tokens, smooth_down)
+        after = tiny_model(tokens).logits
+    assert not torch.equal(norm_before, tiny_model.model.layers[0].input_layernorm.weight)
+    assert (after - before).norm() / before.norm() < 1e-5
+
+
+def _with_outlier_channels(model):
+    """Give a few hidden channels large activations, as trained LLMs have (random ones do not)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] = 40.0
+            layer.post_attention_layernorm.weight[[5, 40]] = 40.0
+    return model
+
+
+def test_smoothing_lowers_w8a8_error_when_activations_have_outliers(tiny_model, tokens):
+    model = _with_outlier_channels(tiny_model)
+    with torch.no_grad():
+        reference = model(tokens).logits
+        plain = copy.deepcopy(model)
+        for layer in plain.model.layers:
+            quantize_layer(layer, adapter_for(plain))
+        smoothed = smoothquant(copy.deepcopy(model), SmoothQuantConfig(alpha=0.5),
+                               CalibrationData(tokens, batch_size=2))
+        err_plain = (plain(tokens).logits - reference).norm()
+        err_smooth = (smoothed(tokens).logits - reference).norm()
+    assert isinstance(smoothed.model.layers[1].mlp.down_proj, W8A8Linear)
+    assert err_smooth < 0.7 * err_plain
+
+
+def test_w8a8_checkpoint_reloads_bit_identical(tiny, tokens, tmp_path):
+    model = smoothquant(tiny.model, SmoothQuantConfig(), CalibrationData(tokens[:2], batch_size=2))
+    save_checkpoint(model, tiny.tokenizer, str(tmp_path / "sq"), {"name": "sq"}, tiny.provenance)
+    reloaded = load_checkpoint(str(tmp_path / "sq")).model
+    layer = reloaded.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, W8A8Linear) and layer.qweight.dtype == torch.int8
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, reloaded(tokens).logits)
+
+
+def test_alpha_out_of_range_is_a_user_error():
+    with pytest.raises(UserError, match="alpha must be between 0 and 1"):
+        build_config(pass_table()["smoothquant"], {"alpha": 1.5})
+
+
+def test_cli_smoothquant_end_to_end(tmp_path):
+    out = tmp_path / "sq"
+    assert main(["quantize", "random:tiny", "--method", "smoothquant", "--option", "alpha=0.6",
+                 "--out", str(out), "--eval", "--calib-samples", "4", "--calib-seq-len", "64",
+                 "--windows", "2", "--seq-len", "64"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["recipe"]["passes"] == [{"pass": "smoothquant", "alpha": 0.6,
+                                            "smooth_down": True}]
+    assert results["protocol"]["calibration"]["samples"] == 4
+    meta = json.loads((out / "compress.json").read_text())
+    formats = {spec["format"] for spec in meta["modules"].values()}
+    assert formats == {"w8a8-int8"} and len(meta["modules"]) == 14
