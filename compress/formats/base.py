@@ -5,6 +5,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# On the CPU, torch's int8 / int4 weight-only kernels beat dequantize + matmul only for
+# half-precision activations and few rows (decode); with float32 activations they are 30-60x
+# slower at 1024 rows, and slower at 1 row too (torch 2.13, SmolLM2 shapes, 2-core machine).
+CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+CPU_KERNEL_MAX_ROWS = 64
+
+
+def cpu_kernel_wins(x: torch.Tensor) -> bool:
+    """Whether a CPU weight-only kernel is worth running on activations `x`."""
+    return x.dtype in CPU_KERNEL_DTYPES and x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS
+
 
 class QuantizedLinear(nn.Module):
     """Base for Int8Linear, Int4Linear, ...: explicit buffers, `dequantize` and a reference forward.
