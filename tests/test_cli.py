@@ -93,3 +93,15 @@ def test_help_explains_every_subcommand(capsys):
             main([name, "--help"])
         assert exit_info.value.code == 0
         assert "usage: compress " + name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "some-org/some-model"], "could not load model 'some-org/some-model' as a hub id"),
+    (["eval", "random:tiny", "--corpus", "wikitext"],
+     "corpus 'wikitext' is a hub dataset and the Hugging Face hub is not reachable"),
+])
+def test_hub_names_offline_fail_with_one_line(argv, message, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
