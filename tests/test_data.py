@@ -1,4 +1,5 @@
 """Corpus splits follow PROTOCOL.md: fixed windows, calibration never overlaps evaluation."""
+import pandas
 import pytest
 import torch
 
@@ -22,9 +23,13 @@ def test_local_text_and_jsonl_files(tmp_path):
     text = "hello world. " * 400
     (tmp_path / "a.txt").write_text(text)
     (tmp_path / "a.jsonl").write_text('{"text": "%s"}\n' % text)
-    for name in ("a.txt", "a.jsonl"):
+    pandas.DataFrame({"text": [text]}).to_parquet(tmp_path / "a.parquet")
+    expected = torch.tensor(list(text.encode()))
+    for name in ("a.txt", "a.jsonl", "a.parquet"):
         corpus = load_corpus(str(tmp_path / name), byte_tokenizer())
         assert eval_windows(corpus, 64, None).shape[1] == 64
+        # One stream, split in halves: evaluation from the start, calibration from the middle.
+        assert torch.equal(torch.cat([corpus.eval_ids, corpus.calib_ids]), expected)
 
 
 def test_too_few_windows_is_a_user_error(tmp_path):
