@@ -63,3 +63,71 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}")
+
+
+class RowScaledLinear(QuantizedLinear):
+    """W8A8 layers: weights with one float32 scale per output channel, activations quantized at
+    run time with one scale per token; only the code type and the kernel differ (int8, FP8).
+
+    Subclasses set `code_dtype`, `fast_kernel` and `description`, and define `quantize_rows`
+    (2-D float -> codes, float32 scales [rows, 1]), `fast_fits(device, rows)` and `fast_forward`.
+    """
+
+    code_dtype = torch.int8
+    fast_kernel = "none"
+    description = ""
+
+    @staticmethod
+    def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def fast_fits(self, device: torch.device, rows: int) -> bool:
+        raise NotImplementedError
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _register_storage(self, dtype: torch.dtype) -> None:
+        self.register_buffer("qweight", torch.zeros(self.out_features, self.in_features,
+                                                    dtype=self.code_dtype))
+        # float32 whatever the model dtype: the scale multiplies an exact (or fp32) accumulation.
+        self.register_buffer("scales", torch.zeros(self.out_features, 1, dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, weight: torch.Tensor | None = None) -> "RowScaledLinear":
+        """Quantize `weight` (default: the linear's own) per output channel."""
+        w = linear.weight.data if weight is None else weight
+        dtype = linear.weight.dtype
+        layer = cls(linear.in_features, linear.out_features, 8, 0, True,
+                    linear.bias is not None, dtype)
+        q, scale = cls.quantize_rows(w)
+        layer.qweight.copy_(q)
+        layer.scales.copy_(scale)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.data.to(dtype))
+        return layer.to(w.device)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (self.qweight.float() * self.scales).to(dtype or torch.float32)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Round-tripped activations times the dequantized weight, in float32."""
+        q, scale = self.quantize_rows(x.reshape(-1, self.in_features))
+        out = F.linear(q.float() * scale, self.dequantize(torch.float32))
+        return self._finish(out, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_fits(x.device, x.numel() // self.in_features):
+            self.kernel = self.fast_kernel
+            return self.fast_forward(x)
+        self.kernel = "reference"
+        return self.reference_forward(x)
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Bias in float32, then back to the activations' dtype and shape."""
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.description}"

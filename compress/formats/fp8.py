@@ -12,9 +12,8 @@ summation order), so quality can be measured on a CPU; speed cannot.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from compress.formats.base import QuantizedLinear
+from compress.formats.base import RowScaledLinear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max      # 448.0
@@ -48,33 +47,15 @@ def scaled_mm_ok(device: torch.device, k: int, n: int) -> bool:
     return fp8_capable(device) and k % 16 == 0 and n % 16 == 0
 
 
-class FP8Linear(QuantizedLinear):
+class FP8Linear(RowScaledLinear):
     format = "fp8-e4m3"
+    code_dtype = FP8
+    fast_kernel = "torch._scaled_mm"
+    description = "e4m3 per channel, a8 per token"
+    quantize_rows = staticmethod(quantize_rows_fp8)
 
-    def _register_storage(self, dtype: torch.dtype) -> None:
-        self.register_buffer("qweight", torch.zeros(self.out_features, self.in_features, dtype=FP8))
-        self.register_buffer("scales", torch.zeros(self.out_features, 1, dtype=torch.float32))
-
-    @classmethod
-    def from_float(cls, linear: torch.nn.Module, weight: torch.Tensor | None = None) -> "FP8Linear":
-        w = linear.weight.data if weight is None else weight
-        dtype = linear.weight.dtype
-        layer = cls(linear.in_features, linear.out_features, 8, 0, True,
-                    linear.bias is not None, dtype)
-        q, scale = quantize_rows_fp8(w)
-        layer.qweight.copy_(q)
-        layer.scales.copy_(scale)
-        if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.data.to(dtype))
-        return layer.to(w.device)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return (self.qweight.float() * self.scales).to(dtype or torch.float32)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = fake_quantize_rows_fp8(x.reshape(-1, self.in_features))
-        out = F.linear(flat, self.dequantize(torch.float32))
-        return self._finish(out, x)
+    def fast_fits(self, device: torch.device, rows: int) -> bool:
+        return scaled_mm_ok(device, self.in_features, self.out_features)
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         """`torch._scaled_mm` with row-wise scales (also runs, emulated, on CPU in torch >= 2.8).
@@ -88,18 +69,3 @@ class FP8Linear(QuantizedLinear):
         out = torch._scaled_mm(qx, self.qweight.t(), scale_a=sx, scale_b=self.scales.t(),
                                out_dtype=out_dtype)
         return self._finish(out.float(), x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if scaled_mm_ok(x.device, self.in_features, self.out_features):
-            self.kernel = "torch._scaled_mm"
-            return self.fast_forward(x)
-        self.kernel = "reference"
-        return self.reference_forward(x)
-
-    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, e4m3 per channel, a8 per token"

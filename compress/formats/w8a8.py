@@ -12,9 +12,8 @@ computes the same thing in float: fake-quantized activations times the dequantiz
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from compress.formats.base import QuantizedLinear
+from compress.formats.base import RowScaledLinear
 
 QMAX = 127          # symmetric int8: -128 is never used, so negation never overflows
 EPS = 1e-8          # scale floor: an all-zero row or token quantizes to zeros, not NaN
@@ -52,37 +51,15 @@ def int_mm_ok(device: torch.device, m: int, k: int, n: int) -> bool:
     return False
 
 
-class W8A8Linear(QuantizedLinear):
+class W8A8Linear(RowScaledLinear):
     format = "w8a8-int8"
+    code_dtype = torch.int8
+    fast_kernel = "torch._int_mm"
+    description = "w8 per channel, a8 per token"
+    quantize_rows = staticmethod(quantize_rows)
 
-    def _register_storage(self, dtype: torch.dtype) -> None:
-        self.register_buffer("qweight", torch.zeros(self.out_features, self.in_features,
-                                                    dtype=torch.int8))
-        # float32 whatever the model dtype: the per-channel scale multiplies an exact int32 sum.
-        self.register_buffer("scales", torch.zeros(self.out_features, 1, dtype=torch.float32))
-
-    @classmethod
-    def from_float(cls, linear: torch.nn.Module, weight: torch.Tensor | None = None) -> "W8A8Linear":
-        """Quantize `weight` (default: the linear's own) per output channel."""
-        w = linear.weight.data if weight is None else weight
-        dtype = linear.weight.dtype
-        layer = cls(linear.in_features, linear.out_features, 8, 0, True,
-                    linear.bias is not None, dtype)
-        q, scale = quantize_rows(w)
-        layer.qweight.copy_(q)
-        layer.scales.copy_(scale)
-        if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.data.to(dtype))
-        return layer.to(w.device)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return (self.qweight.float() * self.scales).to(dtype or torch.float32)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantized activations times the dequantized weight, in float32."""
-        flat = fake_quantize_rows(x.reshape(-1, self.in_features))
-        out = F.linear(flat, self.dequantize(torch.float32))
-        return self._finish(out, x)
+    def fast_fits(self, device: torch.device, rows: int) -> bool:
+        return int_mm_ok(device, rows, self.in_features, self.out_features)
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The real int8 matmul: exact int32 accumulation, then both scales in float32."""
@@ -90,19 +67,3 @@ class W8A8Linear(QuantizedLinear):
         acc = torch._int_mm(qx, self.qweight.t())
         out = acc.float() * sx * self.scales.t()
         return self._finish(out, x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.numel() // self.in_features
-        if int_mm_ok(x.device, m, self.in_features, self.out_features):
-            self.kernel = "torch._int_mm"
-            return self.fast_forward(x)
-        self.kernel = "reference"
-        return self.reference_forward(x)
-
-    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, w8 per channel, a8 per token"
