@@ -15,8 +15,10 @@ from compress.calibration import CalibrationData
 from compress.checkpoint import atomic_output_dir, write_checkpoint
 from compress.data import (TokenizedCorpus, calibration_samples, eval_defaults, eval_windows,
                            load_corpus)
+from compress.passes import pass_table
 from compress.recipe import EvaluationSettings, Recipe, apply_recipe
 from compress.sources import Loaded, load_model
+from evaluate.divergence import Reference, evaluate_windows
 from evaluate.memory import parameter_count, weight_bytes
 from evaluate.perplexity import perplexity
 from evaluate.results import build_results, write_json
@@ -41,21 +43,38 @@ class Session:
         return cls(loaded, load_corpus(corpus, loaded.tokenizer), device)
 
 
-def evaluate(session: Session, model, settings: EvaluationSettings, recipe: dict | None,
-             desc: str = "perplexity", extra_metrics: dict | None = None) -> dict:
-    """Perplexity and weight memory of `model` on the session's corpus: a results dict."""
+def evaluation_windows(session: Session, settings: EvaluationSettings) -> torch.Tensor:
+    """The protocol's evaluation windows [count, seq_len] (settings override the corpus default)."""
     seq_len, count = eval_defaults(session.corpus.name)
     seq_len = settings.seq_len or seq_len
     count = settings.windows if settings.windows is not None else count
-    windows = eval_windows(session.corpus, seq_len, count)
+    return eval_windows(session.corpus, seq_len, count)
+
+
+def evaluate(session: Session, model, settings: EvaluationSettings, recipe: dict | None,
+             desc: str = "perplexity", extra_metrics: dict | None = None,
+             reference: Reference | None = None, record_into: Reference | None = None) -> dict:
+    """Perplexity and weight memory of `model` on the session's corpus: a results dict.
+
+    With `reference` (the baseline's distribution on the same windows) the same forward pass also
+    gives kl_divergence and top1_agreement; `record_into` stores this model's as the reference.
+    """
+    windows = evaluation_windows(session, settings)
+    seq_len = windows.shape[1]
     started = time.perf_counter()
-    ppl = perplexity(model, windows, settings.batch_size, session.device, desc=desc)
+    if reference is None and record_into is None:
+        ppl = perplexity(model, windows, settings.batch_size, session.device, desc=desc)
+    else:
+        ppl = evaluate_windows(model, windows, settings.batch_size, session.device,
+                               reference=reference, record_into=record_into, desc=desc)
     metrics = {**ppl, "weight_bytes": weight_bytes(model),
                "eval_seconds": round(time.perf_counter() - started, 2), **(extra_metrics or {})}
     protocol = {"corpus": session.corpus.name, "eval_seq_len": seq_len,
                 "eval_windows": windows.shape[0], "dtype": str(_dtype(model)).removeprefix("torch."),
                 "device": session.device}
-    if recipe and recipe.get("passes"):
+    if reference is not None:
+        protocol["divergence"] = reference.describe()
+    if recipe and _calibrated(recipe):
         protocol["calibration"] = dict(recipe["calibration"], source=session.corpus.calib_source)
     model_info = {"source": session.loaded.provenance.get("source"),
                   "provenance": session.loaded.provenance,
@@ -98,6 +117,13 @@ def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite:
         if results is not None:
             write_json(results, os.path.join(tmp, "results.json"))
     return results
+
+
+def _calibrated(recipe: dict) -> bool:
+    """Whether any pass of a resolved recipe read calibration data (RTN, for one, does not)."""
+    table = pass_table()
+    return any(table[p["pass"]].needs_calibration for p in recipe.get("passes") or ()
+               if p.get("pass") in table)
 
 
 def _dtype(model) -> torch.dtype:

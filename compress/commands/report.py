@@ -1,22 +1,46 @@
-"""`compress report RESULTS... --out FILE`: a Markdown comparison with deltas against a baseline."""
+"""`compress report RESULTS... [--baseline B] [--out FILE.md|FILE.html|DIR] [gate thresholds]`:
+a comparison with deltas against a baseline, and a regression gate for CI (exit 1 when a
+threshold is broken, 0 when all hold, 2 on bad input)."""
 from __future__ import annotations
 
 import os
 
+from compress.checkpoint import atomic_output_dir, check_output
 from compress.errors import UserError
-from compress.report import markdown_report
+from compress.reports import html_report, markdown_report, write_report_files
+from compress.reports.gate import Thresholds, check, parse_percent
 from evaluate.results import read_json
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="render a comparison of results JSON files",
-                              description="Render results JSON files (or folders holding "
-                              "results.json) as a Markdown table with deltas against a baseline.")
+    p = subparsers.add_parser(
+        "report", help="compare results JSON files; optionally gate on thresholds",
+        description="Render results JSON files (or folders holding results.json) with deltas "
+        "against a baseline. With thresholds it is a regression gate: one line per broken "
+        "threshold and exit status 1; exit 0 when every threshold holds; 2 on bad input "
+        "(including a threshold whose figure a JSON lacks).")
     p.add_argument("results", nargs="+", help="results JSON files or checkpoint folders")
     p.add_argument("--baseline", default=None,
                    help="results JSON of the baseline (default: the one without a recipe)")
-    p.add_argument("--out", required=True, help="Markdown file to write")
+    p.add_argument("--out", default=None,
+                   help="FILE.md (Markdown), FILE.html (self-contained, plots embedded) or a "
+                        "folder (report.md, report.html, results.csv, plots); default: print only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--title", default="", help="report title")
+    g = p.add_argument_group("regression gate (each compared result against the baseline)")
+    g.add_argument("--max-ppl-increase", default=None, metavar="PCT",
+                   help="largest allowed perplexity increase, in percent (e.g. 2%%)")
+    g.add_argument("--min-decode-speedup", type=float, default=None, metavar="X",
+                   help="smallest allowed decode speed-up (baseline ms/token / new ms/token)")
+    g.add_argument("--decode-batch", type=int, default=None, metavar="N",
+                   help="decode batch size the speed-up is read at (default: the smallest "
+                        "measured for both)")
+    g.add_argument("--min-prefill-speedup", type=float, default=None, metavar="X",
+                   help="smallest allowed prefill speed-up (tokens/s ratio, first shape)")
+    g.add_argument("--max-kl", type=float, default=None, metavar="NATS",
+                   help="largest allowed KL(baseline || new)")
+    g.add_argument("--min-top1-agreement", type=float, default=None, metavar="FRACTION",
+                   help="smallest allowed top-1 token agreement with the baseline (0-1)")
     p.set_defaults(run=run)
 
 
@@ -34,13 +58,76 @@ def load_results(path: str) -> dict:
     return data
 
 
+def thresholds(args) -> Thresholds:
+    t = Thresholds(
+        max_ppl_increase_pct=None if args.max_ppl_increase is None
+        else parse_percent(args.max_ppl_increase, "--max-ppl-increase"),
+        min_decode_speedup=args.min_decode_speedup, min_prefill_speedup=args.min_prefill_speedup,
+        max_kl=args.max_kl, min_top1_agreement=args.min_top1_agreement,
+        decode_batch=args.decode_batch)
+    for flag, value in (("--min-decode-speedup", t.min_decode_speedup),
+                        ("--min-prefill-speedup", t.min_prefill_speedup), ("--max-kl", t.max_kl)):
+        if value is not None and not value >= 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
+    if t.min_top1_agreement is not None and not 0 <= t.min_top1_agreement <= 1:
+        raise UserError(f"--min-top1-agreement is a fraction in [0, 1], got {t.min_top1_agreement}")
+    return t
+
+
 def run(args) -> int:
-    results = [load_results(p) for p in args.results]
+    limits = thresholds(args)
+    if args.out and _is_folder(args.out):
+        check_output(args.out, args.overwrite)
+    paths = list(args.results)
+    results = [load_results(p) for p in paths]
     baseline = load_results(args.baseline) if args.baseline else None
     text = markdown_report(results, baseline, args.title)
-    write_text(args.out, text)
+    if args.out:
+        write_output(args.out, results, baseline, args.title, text, args.overwrite)
     print(text)
-    return 0
+    if not limits.any():
+        return 0
+    base = baseline or next((r for r in results if not r.get("recipe")), None)
+    if base is None:
+        raise UserError("the gate needs a baseline: pass --baseline OLD.json or a results file "
+                        "without a recipe")
+    broken, gated = [], 0
+    for path, result in zip(paths, results):
+        if result is base or (args.baseline and _same_file(path, args.baseline)):
+            continue
+        gated += 1
+        broken += check(_label(path, result), base, result, limits)
+    if not gated:
+        raise UserError("the gate has nothing to check: give results other than the baseline")
+    for line in broken:
+        print(f"GATE FAILED {line}")
+    if not broken:
+        print(f"gate passed: {gated} result(s) within every threshold")
+    return 1 if broken else 0
+
+
+def write_output(out: str, results, baseline, title: str, markdown: str, overwrite: bool) -> None:
+    if out.endswith(".md"):
+        write_text(out, markdown)
+    elif out.endswith(".html"):
+        write_text(out, html_report(results, baseline, title))
+    else:
+        with atomic_output_dir(out, overwrite) as tmp:
+            write_report_files(tmp, results, baseline, title)
+
+
+def _is_folder(out: str) -> bool:
+    return not out.endswith((".md", ".html"))
+
+
+def _label(path: str, result: dict) -> str:
+    name = (result.get("recipe") or {}).get("name", "baseline")
+    return f"{name} ({path})"
+
+
+def _same_file(a: str, b: str) -> bool:
+    resolve = lambda p: os.path.abspath(os.path.join(p, "results.json") if os.path.isdir(p) else p)
+    return resolve(a) == resolve(b)
 
 
 def write_text(path: str, text: str) -> None:

@@ -1,33 +1,77 @@
-"""`compress sweep RECIPE... --model M --out DIR`: the baseline and every recipe on one protocol,
-the model loaded once; writes each results JSON and report.md into DIR."""
+"""`compress sweep RECIPE... --model M --out DIR [--tasks T,...] [--bench]`: the baseline and every
+recipe on one protocol, the model loaded once, written as one report folder: report.md,
+report.html (self-contained), results.csv, plots, baseline.json and one JSON per recipe."""
 from __future__ import annotations
 
+import gc
 import os
+
+from tqdm.auto import tqdm
 
 from compress.checkpoint import atomic_output_dir, check_output
 from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
-from compress.commands.report import write_text
+from compress.commands.bench import parse_ints, parse_shapes
 from compress.errors import UserError
-from compress.pipeline import Session, evaluate, run_recipe
+from compress.pipeline import Session, compress_model, evaluate, evaluation_windows
 from compress.recipe import load_recipe
-from compress.report import markdown_report
-from evaluate.results import write_json
+from compress.reports import markdown_report, write_report_files
+from evaluate.divergence import Reference
+from evaluate.lm_eval_tasks import BUNDLED, TaskRunner, TaskSettings, parse_task_names
+from evaluate.results import environment, write_json
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="baseline + several recipes, one report",
-                              description="Evaluate the baseline and every recipe on the same "
-                              "protocol and write a report folder.")
+    p = subparsers.add_parser(
+        "sweep", help="baseline + several recipes, one report",
+        description="Evaluate the baseline and every recipe on the same protocol (perplexity, "
+        "KL and top-1 agreement against the baseline, weight memory; optionally lm-eval tasks "
+        "and speed) and write a report folder.")
     p.add_argument("recipes", nargs="+", help="recipe YAML files")
     p.add_argument("--model", required=True, help="model source for every recipe")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--title", default="", help="report title (default: model and recipes)")
+    p.add_argument("--kl-cache-gb", type=float, default=4.0,
+                   help="memory for the baseline's float16 log-probs (default 4 GB; SmolLM2 on "
+                        "the pydoc protocol needs 2.1); above it the baseline is recomputed per "
+                        "window instead, 0 always recomputes")
     add_eval_options(p)
     add_model_options(p)
+    t = p.add_argument_group("lm-eval tasks (scored on the in-memory models)")
+    t.add_argument("--tasks", default=None, metavar="NAME[,NAME]",
+                   help=f"lm-eval tasks: bundled ({', '.join(BUNDLED)}, offline), YAML tasks in "
+                        "--tasks-dir (local files, offline), or lm-eval's registry (needs the hub)")
+    t.add_argument("--tasks-dir", default=None, help="folder of lm-eval task YAML files")
+    t.add_argument("--tasks-limit", type=int, default=None, help="documents per task (default all)")
+    t.add_argument("--tasks-fewshot", type=int, default=None, help="few-shot examples (default: "
+                                                                   "each task's own)")
+    t.add_argument("--tasks-batch-size", type=int, default=16, help="lm-eval batch size (16)")
+    b = p.add_argument_group("speed (the compress engine, evaluate/bench.py)")
+    b.add_argument("--bench", action="store_true",
+                   help="measure prefill and decode speed of the baseline and every recipe")
+    b.add_argument("--bench-batch", default="1,8,32", help="decode batch sizes (1,8,32)")
+    b.add_argument("--bench-prompt", type=int, default=512, help="decode prompt tokens (512)")
+    b.add_argument("--bench-new", type=int, default=128, help="timed decode tokens (128)")
+    b.add_argument("--bench-prefill", default="1x2048,8x512",
+                   help="prefill shapes BATCHxTOKENS (1x2048,8x512)")
+    b.add_argument("--bench-warmup", type=int, default=2, help="warm-up runs (2)")
+    b.add_argument("--bench-repeats", type=int, default=5, help="timed runs, median kept (5)")
+    b.add_argument("--compile", action="store_true", help="compile the decode step")
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
+def bench_config(args):
+    from evaluate.bench import BenchConfig
+
+    if not args.bench:
+        return None
+    return BenchConfig(batches=parse_ints(args.bench_batch, "--bench-batch"),
+                       prompt=args.bench_prompt, new=args.bench_new,
+                       prefill=parse_shapes(args.bench_prefill), compile=args.compile,
+                       warmup=args.bench_warmup, repeats=args.bench_repeats)
+
+
+def load_recipes(args) -> list:
     recipes = [load_recipe(path) for path in args.recipes]
     names = [r.name for r in recipes]
     if len(set(names)) != len(names) or "baseline" in names:
@@ -35,23 +79,99 @@ def run(args) -> int:
     for recipe in recipes:
         recipe.model = args.model
         apply_eval_options(recipe, args)
-    corpora = {r.corpus for r in recipes}
-    if len(corpora) > 1:
-        raise UserError(f"recipes use different corpora ({', '.join(sorted(corpora))}); "
-                        "a sweep compares one protocol")
+    for what, key in (("corpora", lambda r: r.corpus),
+                      ("evaluation settings", lambda r: (r.evaluation.windows, r.evaluation.seq_len))):
+        if len({key(r) for r in recipes}) > 1:
+            raise UserError(f"recipes use different {what} "
+                            f"({', '.join(f'{r.name}: {key(r)}' for r in recipes)}); a sweep "
+                            "compares one protocol (set --corpus / --windows / --seq-len)")
+    return recipes
+
+
+class Measure:
+    """What the sweep measures on every model beyond perplexity: lm-eval tasks and speed."""
+
+    def __init__(self, args, session: Session, tasks: TaskRunner | None, bench):
+        self.session, self.tasks, self.bench = session, tasks, bench
+        self.ceilings = None
+        if bench is not None:
+            from evaluate.bench import measure_ceilings
+
+            # Once per sweep: every row's roofline is against the same measured bandwidth.
+            self.ceilings = measure_ceilings(bench, session.device, resolve_dtype(args))
+
+    def add(self, result: dict, model, name: str) -> dict:
+        if self.tasks is not None:
+            result["metrics"]["tasks"] = self.tasks.run(model, self.session.loaded.tokenizer)
+            result["protocol"]["tasks"] = self.tasks.protocol()
+        if self.bench is not None:
+            from evaluate.bench import bench_engine
+
+            # Last: the engine prepares quantized layers' fast layouts on the model it times.
+            row = bench_engine(model, self.bench, self.session.device, name, self.ceilings)
+            env = environment()
+            result["metrics"]["speed"] = {
+                **row, "device": self.session.device, "gpu": env["gpu"],
+                "driver": env.get("driver"), "cpu": env["cpu"], "threads": env["threads"],
+                "ceilings": self.ceilings}
+            result["protocol"]["speed"] = self.bench.protocol(self.session.device)
+        return result
+
+
+def run(args) -> int:
+    recipes = load_recipes(args)
+    bench = bench_config(args)
+    task_settings = None
+    if args.tasks:
+        task_settings = TaskSettings(parse_task_names(args.tasks), args.tasks_dir,
+                                     args.tasks_limit, args.tasks_batch_size, args.tasks_fewshot)
+    elif args.tasks_dir:
+        raise UserError("--tasks-dir needs --tasks NAME[,NAME] naming the tasks to run")
+    if args.kl_cache_gb < 0:
+        raise UserError(f"--kl-cache-gb must be >= 0, got {args.kl_cache_gb}")
     check_output(args.out, args.overwrite)
-    session = Session.open(args.model, corpora.pop(), args.device, resolve_dtype(args))
+    dtype = resolve_dtype(args)
+    title = args.title or f"{args.model}: {', '.join(r.name for r in recipes)}"
     with atomic_output_dir(args.out, args.overwrite) as tmp:
-        baseline = evaluate(session, session.loaded.model, recipes[0].evaluation, None,
-                            desc="baseline")
-        write_json(baseline, os.path.join(tmp, "baseline.json"))
-        results = [baseline]
-        for recipe in recipes:
-            result = run_recipe(session, recipe, None, False, do_eval=True)
-            write_json(result, os.path.join(tmp, f"{recipe.name}.json"))
-            results.append(result)
-            print(f"{recipe.name}: perplexity {result['metrics']['perplexity']:.3f}", flush=True)
-        text = markdown_report(results, title=f"{args.model}: {', '.join(names)}")
-        write_text(os.path.join(tmp, "report.md"), text)
-    print(text)
+        tasks = None
+        if task_settings is not None:
+            os.makedirs(os.path.join(tmp, "tasks"))
+            # Before loading the model: a bad task name fails in seconds, not after the baseline.
+            tasks = TaskRunner(task_settings, os.path.join(tmp, "tasks"))
+        session = Session.open(args.model, recipes[0].corpus, args.device, dtype)
+        measure = Measure(args, session, tasks, bench)
+        results = sweep(session, recipes, measure, tmp, int(args.kl_cache_gb * 2**30))
+        write_report_files(tmp, results, title=title)
+    print(markdown_report(results, title=title))
+    print(f"wrote {args.out}")
     return 0
+
+
+def sweep(session: Session, recipes: list, measure: Measure, folder: str, cache_bytes: int) -> list:
+    settings = recipes[0].evaluation
+    base_model = session.loaded.model
+    reference = Reference.plan(base_model, evaluation_windows(session, settings), cache_bytes)
+    progress = tqdm(total=len(recipes) + 1, desc="sweep", unit="model")
+    progress.set_postfix_str("baseline")
+    baseline = evaluate(session, base_model, settings, None, desc="baseline",
+                        record_into=reference)
+    results = [measure.add(baseline, base_model, "baseline")]
+    write_json(baseline, os.path.join(folder, "baseline.json"))
+    progress.update()
+    for recipe in recipes:
+        progress.set_postfix_str(recipe.name)
+        model, seconds = compress_model(session, recipe)
+        extra = {"compress_seconds": seconds, **(getattr(model, "compress_report", None) or {})}
+        result = evaluate(session, model, recipe.evaluation, recipe.resolved(), desc=recipe.name,
+                          extra_metrics=extra, reference=reference)
+        result = measure.add(result, model, recipe.name)
+        write_json(result, os.path.join(folder, f"{recipe.name}.json"))
+        results.append(result)
+        m = result["metrics"]
+        progress.write(f"{recipe.name}: perplexity {m['perplexity']:.3f}, KL "
+                       f"{m['kl_divergence']:.4f}, top-1 {100 * m['top1_agreement']:.2f}%")
+        del model
+        gc.collect()
+        progress.update()
+    progress.close()
+    return results

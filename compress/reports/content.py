@@ -1,0 +1,179 @@
+"""What a comparison report says, as a list of blocks that the Markdown and HTML writers render
+the same way: ('h', level, text), ('p', text), ('ul', [text]), ('table', headers, rows),
+('img', file name, png bytes, caption). Every report states its protocol, each recipe's hash,
+the package version and the machine; every speed figure names the device that measured it."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from compress.reports.frame import pick_baseline, results_frame, speed_shapes, task_columns
+
+
+def report_blocks(results: list[dict], baseline: dict | None = None, title: str = "",
+                  plots: bool = True) -> list[tuple]:
+    base = pick_baseline(results, baseline)
+    frame = results_frame(results, base)
+    blocks: list[tuple] = [("h", 1, title or "Comparison")]
+    blocks += _setup(results, base)
+    blocks += [("h", 2, "Quality and memory"), _quality_table(frame)]
+    blocks.append(("p", "Δ columns are against the baseline row. KL = KL(baseline || model) in "
+                   "nats, mean over every predicted position of the evaluation windows; top-1 = "
+                   "share of positions where both models' most likely next token agree. Weights "
+                   "count every stored byte (embedding, linears, norms; a tied lm_head once); "
+                   "sparsity is the share of zeros actually reached in the decoder linears."))
+    tasks = task_columns(frame)
+    if tasks:
+        blocks += [("h", 2, "lm-eval tasks"), _task_table(frame, tasks)]
+        blocks.append(("p", _task_note(base)))
+    prefill, batches = speed_shapes(frame)
+    if batches or prefill:
+        blocks += [("h", 2, "Speed"), *_speed_blocks(frame, base, prefill, batches)]
+    if plots:
+        from compress.reports.plots import ppl_vs_decode, ppl_vs_memory
+
+        blocks += [("h", 2, "Trade-offs"),
+                   ("img", "ppl_vs_memory.png", ppl_vs_memory(frame),
+                    "Perplexity against weight memory; red: the Pareto front (no other recipe is "
+                    "both smaller and better).")]
+        speed_png = ppl_vs_decode(frame)
+        if speed_png is not None:
+            blocks.append(("img", "ppl_vs_decode.png", speed_png,
+                           "Perplexity against decode tokens/s; red: the Pareto front (no other "
+                           "recipe is both faster and better)."))
+    blocks += [("h", 2, "Recipes"), _recipe_table(results)]
+    return blocks
+
+
+def _setup(results: list[dict], base: dict) -> list[tuple]:
+    model, proto = base["model"], base["protocol"]
+    prov = model.get("provenance") or {}
+    source = f"`{model.get('source')}`"
+    if prov.get("sha256"):
+        source += f" ({prov.get('loader')}, sha256 {prov['sha256'][:12]})"
+    items = [f"Model: {source}, {model.get('architecture')}, "
+             f"{model.get('parameters', 0) / 1e6:,.1f}M parameters.",
+             f"Protocol: corpus `{proto['corpus']}`, {proto['eval_windows']} windows of "
+             f"{proto['eval_seq_len']} tokens, {proto['dtype']} on {proto['device']}; perplexity "
+             "= exp(mean next-token NLL over every predicted position)."]
+    if proto.get("divergence"):
+        items.append(f"Divergence: {proto['divergence'].get('kind')}; reference: "
+                     f"{proto['divergence'].get('reference')}.")
+    machines = sorted({_machine(r["environment"]) for r in results})
+    env = base["environment"]
+    items.append(f"Software: compress {env['compress']}, torch {env['torch']}, transformers "
+                 f"{env['transformers']}, python {env.get('python')}.")
+    items.append(f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}.")
+    items.append(f"Date: {env.get('date')}.")
+    if prov.get("loader") == "gguf":
+        items.append("The baseline is de-quantized from a GGUF file: results measure change "
+                     "against this float baseline; group-wise asymmetric rounding can partly "
+                     "re-create the file's own grid.")
+    return [("ul", items)]
+
+
+def _machine(env: dict) -> str:
+    if env.get("gpu"):
+        return (f"GPU {env['gpu']} (driver {env.get('driver') or '?'}, CUDA "
+                f"{env.get('cuda') or '?'})")
+    return f"CPU {env.get('cpu')} ({env.get('threads')} threads), {env.get('platform')}"
+
+
+def _quality_table(frame: pd.DataFrame) -> tuple:
+    headers = ["recipe", "perplexity", "Δ ppl %", "KL", "top-1 %", "sparsity %", "weights MB",
+               "x smaller", "linear MB", "linear x smaller", "compress s", "hash"]
+    rows = []
+    for _, r in frame.iterrows():
+        rows.append([r["name"], fmt(r["perplexity"], 3), fmt(r["ppl_delta_pct"], 2, sign=True),
+                     fmt(r["kl_divergence"], 4), fmt(100 * r["top1_agreement"], 2),
+                     fmt(100 * r["sparsity"], 1), fmt(r["weight_mb"], 1),
+                     fmt(r["weight_ratio"], 2), fmt(r["linear_mb"], 1), fmt(r["linear_ratio"], 2),
+                     fmt(r["compress_s"], 1), r["hash"] if isinstance(r["hash"], str) else "-"])
+    return ("table", headers, rows)
+
+
+def _task_table(frame: pd.DataFrame, tasks: list[tuple[str, str]]) -> tuple:
+    headers = ["recipe"] + [f"{t} {m}" for t, m in tasks]
+    rows = []
+    for _, r in frame.iterrows():
+        cells = [r["name"]]
+        for task, metric in tasks:
+            key = f"task:{task}:{metric}"
+            value, err = r.get(key, math.nan), r.get(f"{key}_stderr", math.nan)
+            cell = fmt(value, 3) + (f" ± {err:.3f}" if _num(err) else "")
+            if r["name"] != "baseline" and _num(r.get(f"{key}_delta", math.nan)):
+                cell += f" ({r[key + '_delta']:+.3f})"
+            cells.append(cell)
+        rows.append(cells)
+    return ("table", headers, rows)
+
+
+def _task_note(base: dict) -> str:
+    proto = base["protocol"].get("tasks") or {}
+    files = ", ".join(f"{k} = {v['path']} (sha256 {v['sha256'][:12]})"
+                      for k, v in (proto.get("data_files") or {}).items())
+    return (f"lm-eval {proto.get('lm_eval', '?')} on the in-memory model (HFLM); "
+            f"limit {proto.get('limit') or 'none'}, few-shot "
+            f"{'task default' if proto.get('num_fewshot') is None else proto['num_fewshot']}. "
+            "± is the standard error of the mean; (Δ) is against the baseline. A Δ smaller than "
+            "about twice the ± is not evidence of a change." + (f" Local data: {files}." if files
+                                                                else ""))
+
+
+def _speed_blocks(frame, base, prefill, batches) -> list[tuple]:
+    headers = ["recipe", "measured on"]
+    for shape in prefill:
+        headers += [f"prefill {shape} tok/s", "x"]
+    for b in batches:
+        headers += [f"decode b{b} ms/tok", f"b{b} tok/s", "x", "% roofline"]
+    rows = []
+    for _, r in frame.iterrows():
+        cells = [r["name"], r.get("speed_device") if isinstance(r.get("speed_device"), str)
+                 else "not measured"]
+        for shape in prefill:
+            cells += [fmt(r.get(f"prefill_tok_s_{shape}"), 0),
+                      fmt(r.get(f"prefill_speedup_{shape}"), 2)]
+        for b in batches:
+            cells += [fmt(r.get(f"decode_ms_b{b}"), 3), fmt(r.get(f"decode_tok_s_b{b}"), 1),
+                      fmt(r.get(f"decode_speedup_b{b}"), 2), fmt(r.get(f"roofline_pct_b{b}"), 1)]
+        rows.append(cells)
+    proto = base["protocol"].get("speed") or {}
+    note = (f"compress engine (static KV cache, own token loop): decode prompt "
+            f"{proto.get('prompt')}, {proto.get('new_tokens')} new tokens, greedy, no early stop; "
+            f"median of {proto.get('repeats')} after {proto.get('warmup')} warm-up; compile "
+            f"{proto.get('compile')}; inputs {proto.get('inputs')}. x = speed-up over the "
+            "baseline measured in the same run. % roofline = the bytes a step must read over "
+            "the copy bandwidth measured in the same run.")
+    devices = set(frame.get("speed_device", pd.Series(dtype=object)).dropna())
+    if any(d.startswith("CPU") for d in devices):
+        note += (" Measured on a CPU: these are not GPU figures, and kernels chosen for GPUs "
+                 "(int4/int8 matmuls, 2:4 sparsity) may run slower here than float.")
+    return [("table", headers, rows), ("p", note)]
+
+
+def _recipe_table(results: list[dict]) -> tuple:
+    rows = []
+    for r in results:
+        recipe = r.get("recipe")
+        if not recipe:
+            rows.append(["baseline", "-", "the source model, uncompressed", "-"])
+            continue
+        passes = "; ".join(
+            f"{p['pass']}(" + ", ".join(f"{k}={v}" for k, v in p.items() if k != "pass") + ")"
+            for p in recipe.get("passes", []))
+        calib = r["protocol"].get("calibration")
+        calib_text = (f"{calib['samples']} x {calib['seq_len']} tokens, {calib.get('source')}"
+                      if calib else "-")
+        rows.append([recipe.get("name"), recipe.get("hash") or "-", passes, calib_text])
+    return ("table", ["recipe", "hash", "passes", "calibration"], rows)
+
+
+def _num(value) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def fmt(value, digits: int, sign: bool = False) -> str:
+    if not _num(value):
+        return "-"
+    return f"{value:+,.{digits}f}" if sign else f"{value:,.{digits}f}"

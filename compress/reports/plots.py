@@ -1,0 +1,70 @@
+"""Trade-off plots as PNG bytes: perplexity against weight memory and against decode speed, with
+the Pareto front marked. Uses matplotlib's object API on an Agg canvas (no pyplot): no global
+backend switch, no figure registry, nothing left open, safe in tests and headless machines."""
+from __future__ import annotations
+
+import io
+import math
+
+import pandas as pd
+
+from compress.reports.frame import pareto_front, speed_shapes
+
+
+def ppl_vs_memory(frame: pd.DataFrame) -> bytes:
+    return _scatter(frame, "weight_mb", "weights (MB, every stored byte)",
+                    "perplexity vs weight memory", maximize_x=False)
+
+
+def ppl_vs_decode(frame: pd.DataFrame) -> bytes | None:
+    """Against decode tokens/s at the smallest measured batch; None without speed figures."""
+    _, batches = speed_shapes(frame)
+    if not batches:
+        return None
+    batch = batches[0]
+    column = f"decode_tok_s_b{batch}"
+    if frame[column].isna().all():
+        return None
+    devices = sorted(set(frame.get("speed_device", pd.Series(dtype=str)).dropna()))
+    return _scatter(frame, column, f"decode tokens/s, batch {batch} (higher is better)",
+                    f"perplexity vs decode speed, measured on {', '.join(devices)}",
+                    maximize_x=True)
+
+
+def _scatter(frame: pd.DataFrame, x_col: str, x_label: str, title: str,
+             maximize_x: bool) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x = [float(v) for v in frame[x_col]]
+    y = [float(v) for v in frame["perplexity"]]
+    names = list(frame["name"])
+    front = pareto_front(x, y, maximize_x)
+    fig = Figure(figsize=(7.5, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    others = [i for i in range(len(x)) if i not in front and not math.isnan(x[i])]
+    if others:
+        ax.scatter([x[i] for i in others], [y[i] for i in others], color="#8a8a8a", zorder=2,
+                   label="dominated")
+    ax.scatter([x[i] for i in front], [y[i] for i in front], color="#c0392b", zorder=3,
+               label="Pareto front")
+    # The front as a staircase: each step is the best perplexity reachable at that budget.
+    ax.step([x[i] for i in front], [y[i] for i in front], where="post" if not maximize_x else "pre",
+            color="#c0392b", alpha=0.6, zorder=1)
+    for i, name in enumerate(names):
+        if not math.isnan(x[i]):
+            ax.annotate(name, (x[i], y[i]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    base = frame.index[frame["name"] == "baseline"]
+    if len(base):
+        ax.axhline(y[base[0]], color="#2c3e50", linestyle=":", linewidth=1, label="baseline")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    # No "Software" text chunk: the page that embeds the image should hold no URL at all.
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()

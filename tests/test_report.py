@@ -1,0 +1,164 @@
+"""Comparison reports and the regression gate (compress/reports, `compress report`), on hand-built
+results JSONs: fast, and every figure known in advance."""
+import json
+import math
+import re
+
+import pytest
+
+from compress.cli import main
+from compress.reports import html_report, markdown_report, write_report_files
+from compress.reports.frame import pareto_front, results_frame
+
+PROTOCOL = {"corpus": "pydoc", "eval_seq_len": 64, "eval_windows": 2, "dtype": "float32",
+            "device": "cpu"}
+ENV = {"compress": "0.1.0", "torch": "2", "transformers": "5", "python": "3.11",
+       "platform": "Linux", "cpu": "x86_64", "threads": 2, "gpu": None, "date": "2025-01-01"}
+SPEED_PROTOCOL = {"batches": [1, 8], "prompt": 512, "new_tokens": 128, "prefill": [[1, 2048]],
+                  "warmup": 2, "repeats": 5, "compile": False, "device": "cpu"}
+
+
+def result(name=None, ppl=10.0, total=1000e6, ms=None, kl=None, tasks=None) -> dict:
+    metrics = {"perplexity": ppl, "weight_bytes": {"total": total, "linear": total * 0.7,
+                                                   "embedding": total * 0.3, "lm_head": 0,
+                                                   "other": 0}}
+    protocol = dict(PROTOCOL)
+    if kl is not None:
+        metrics.update(kl_divergence=kl, top1_agreement=1 - kl)
+    if ms is not None:  # decode ms/token at batch 1 and 8; prefill 1000 tokens/s per ms saved
+        metrics["speed"] = {"gpu": None, "cpu": "x86_64", "threads": 2,
+                            "prefill": [{"batch": 1, "tokens": 2048, "tokens_per_s": 1e4 / ms,
+                                         "ttft_ms": ms * 20}],
+                            "decode": [{"batch": b, "ms_per_token": ms * b ** 0.5,
+                                        "tokens_per_s": 1e3 * b / (ms * b ** 0.5),
+                                        "pct_of_roofline": 50.0} for b in (1, 8)]}
+        protocol["speed"] = SPEED_PROTOCOL
+    if tasks is not None:
+        metrics["tasks"] = {"t": {"acc": tasks, "acc_stderr": 0.02, "samples": 100}}
+        protocol["tasks"] = {"names": ["t"], "limit": None, "num_fewshot": None,
+                             "lm_eval": "0.4.13", "data_files": {}}
+    recipe = None if name is None else {"name": name, "hash": f"hash-{name}",
+                                        "passes": [{"pass": "rtn", "bits": 4}]}
+    return {"model": {"source": "random:tiny", "architecture": "llama", "parameters": 1e6},
+            "recipe": recipe, "protocol": protocol, "metrics": metrics, "environment": ENV}
+
+
+def _write(tmp_path, **docs) -> dict:
+    paths = {}
+    for key, doc in docs.items():
+        paths[key] = str(tmp_path / f"{key}.json")
+        (tmp_path / f"{key}.json").write_text(json.dumps(doc))
+    return paths
+
+
+def test_frame_has_absolute_figures_and_deltas():
+    frame = results_frame([result(ppl=10.0, ms=10), result("a", ppl=10.5, total=250e6, ms=5,
+                                                          kl=0.02, tasks=0.6)])
+    a = frame.iloc[1]
+    assert a["ppl_delta_pct"] == pytest.approx(5.0)
+    assert a["weight_ratio"] == pytest.approx(4.0)
+    assert a["decode_speedup_b1"] == pytest.approx(2.0)
+    assert a["prefill_speedup_1x2048"] == pytest.approx(2.0)
+    assert a["kl_divergence"] == 0.02
+    assert math.isnan(frame.iloc[0]["kl_divergence"])
+    assert math.isnan(a["task:t:acc_delta"])  # the baseline has no task score to compare with
+
+
+def test_pareto_front_minimizes_perplexity_against_memory_or_speed():
+    memory, ppl = [100, 50, 60, 25, 30], [10, 11, 12, 14, 13]
+    # 60 MB at ppl 12 is beaten by 50 MB at 11; the others each win somewhere.
+    assert pareto_front(memory, ppl) == [3, 4, 1, 0]
+    speed = [10, 20, 15, float("nan")]
+    assert pareto_front(speed, [10, 11, 12, 9], maximize_x=True) == [0, 1]
+
+
+def test_markdown_and_html_state_protocol_machine_and_hashes():
+    results = [result(ppl=10.0, ms=10), result("int4", ppl=10.4, total=300e6, ms=8, kl=0.01)]
+    text = markdown_report(results, title="T")
+    assert "hash-int4" in text and "pydoc" in text and "compress 0.1.0" in text
+    assert "CPU x86_64 (2 threads)" in text and "not GPU figures" in text
+    assert "| int4 | 10.400 | +4.00 | 0.0100 | 99.00 |" in text
+    page = html_report(results, title="T")
+    assert page.count("data:image/png;base64,") == 2  # memory and decode plots
+
+
+def test_report_folder_command_writes_every_file(tmp_path):
+    paths = _write(tmp_path, base=result(), new=result("int4", ppl=10.2, total=300e6))
+    out = tmp_path / "rep"
+    assert main(["report", paths["base"], paths["new"], "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ppl_vs_memory.png", "report.html",
+                                                     "report.md", "results.csv"]
+    assert main(["report", paths["base"], paths["new"], "--out", str(tmp_path / "r.html")]) == 0
+    assert "<img" in (tmp_path / "r.html").read_text()
+
+
+def test_gate_fails_with_exit_1_and_one_line_per_broken_threshold(tmp_path, capsys):
+    paths = _write(tmp_path, old=result(ppl=10.0, ms=10, kl=0.0),
+                   new=result("int4", ppl=10.3, ms=12.5, kl=0.05))
+    argv = ["report", "--baseline", paths["old"], paths["new"]]
+    code = main(argv + ["--max-ppl-increase", "2%", "--min-decode-speedup", "1.0",
+                        "--max-kl", "0.1"])
+    out = capsys.readouterr().out
+    assert code == 1
+    failed = [line for line in out.splitlines() if line.startswith("GATE FAILED")]
+    assert len(failed) == 2
+    assert "perplexity +3.00% > allowed +2%" in failed[0]
+    assert "decode speed-up 0.800x < required 1x at batch 1" in failed[1]
+    # The same result passes looser thresholds, at a batch the user picks.
+    assert main(argv + ["--max-ppl-increase", "3.5", "--min-decode-speedup", "0.75",
+                        "--decode-batch", "8", "--max-kl", "0.1"]) == 0
+    assert "gate passed: 1 result(s)" in capsys.readouterr().out
+
+
+def test_gate_passes_when_the_new_model_is_better(tmp_path, capsys):
+    paths = _write(tmp_path, old=result(ppl=10.0, ms=10), new=result("x", ppl=9.9, ms=5))
+    assert main(["report", paths["old"], paths["new"], "--max-ppl-increase", "0%",
+                 "--min-decode-speedup", "1.5", "--min-prefill-speedup", "1.5"]) == 0
+
+
+@pytest.mark.parametrize("docs,flags,message", [
+    ({"old": result(), "new": result("x")}, ["--min-decode-speedup", "1"],
+     "--min-decode-speedup needs speed figures, which the baseline does not have"),
+    ({"old": result(ms=1), "new": result("x")}, ["--min-decode-speedup", "1"],
+     "--min-decode-speedup needs speed figures, which x"),
+    ({"old": result(), "new": result("x")}, ["--max-kl", "0.1"], "--max-kl needs kl_divergence"),
+    ({"old": result(ms=1), "new": result("x", ms=1)},
+     ["--min-decode-speedup", "1", "--decode-batch", "4"], "--decode-batch 4 was not measured"),
+    ({"old": result(), "new": result("x")}, ["--max-ppl-increase", "two"],
+     "--max-ppl-increase expects a percentage"),
+])
+def test_a_threshold_without_its_figure_is_bad_input(tmp_path, capsys, docs, flags, message):
+    paths = _write(tmp_path, **docs)
+    assert main(["report", "--baseline", paths["old"], paths["new"], *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_different_protocols_are_refused(tmp_path, capsys):
+    other = result("x")
+    other["protocol"]["eval_windows"] = 20
+    paths = _write(tmp_path, old=result(), new=other)
+    assert main(["report", paths["old"], paths["new"], "--max-ppl-increase", "1%"]) == 2
+    assert "different protocols" in capsys.readouterr().err
+
+
+def test_html_has_no_external_reference(tmp_path):
+    results = [result(ms=10), result("a", ppl=11, total=500e6, ms=9, kl=0.1, tasks=0.5)]
+    names = write_report_files(str(tmp_path), results, title="offline")
+    page = (tmp_path / "report.html").read_text()
+    assert set(names) >= {"report.md", "report.html", "results.csv", "ppl_vs_memory.png",
+                          "ppl_vs_decode.png"}
+    assert_self_contained(page, images=2)
+
+
+def assert_self_contained(page: str, images: int) -> None:
+    """No script, stylesheet link, import or URL; every image is an embedded PNG."""
+    import base64
+
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(embedded) == images
+    assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for data in embedded)
+    rest = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    for banned in ("http:", "https:", "//cdn", "<script", "<link", "@import", "url(", "src=\"/"):
+        assert banned not in rest.lower()
+    assert rest.count("<img") == images

@@ -1,0 +1,93 @@
+"""`compress sweep` end to end on random:tiny: two recipes, KL, an lm-eval task over a local file,
+the speed benchmark at toy shapes, and every file of the report folder."""
+import csv
+import json
+import os
+
+import yaml
+
+from compress.cli import main
+from test_report import assert_self_contained
+
+EVAL = ["--windows", "2", "--seq-len", "64"]
+BENCH = ["--bench", "--bench-batch", "1", "--bench-prompt", "8", "--bench-new", "4",
+         "--bench-prefill", "1x16", "--bench-warmup", "0", "--bench-repeats", "1"]
+
+
+def _recipes(tmp_path):
+    paths = []
+    for name, passes in (("int8", [{"pass": "rtn", "bits": 8}]),
+                         ("int4", [{"pass": "rtn", "bits": 4, "group_size": 32}])):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "passes": passes}))
+        paths.append(str(path))
+    return paths
+
+
+def _task_dir(tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    data = folder / "yes_no.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Q{i}:", "choices": [" yes", " no"],
+                                        "label": i % 2}) + "\n" for i in range(4)))
+    (folder / "yes_no.yaml").write_text(yaml.safe_dump({
+        "task": "yes_no", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}}, "output_type": "multiple_choice",
+        "test_split": "test", "doc_to_text": "{{q}}", "doc_to_target": "label",
+        "doc_to_choice": "choices",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}))
+    return str(folder)
+
+
+def test_sweep_writes_the_whole_report_folder(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", *_recipes(tmp_path), "--model", "random:tiny", "--out", str(out), *EVAL,
+            "--tasks", "yes_no", "--tasks-dir", _task_dir(tmp_path), *BENCH]
+    assert main(argv) == 0
+    files = set(os.listdir(out))
+    assert {"baseline.json", "int8.json", "int4.json", "report.md", "report.html", "results.csv",
+            "ppl_vs_memory.png", "ppl_vs_decode.png"} <= files
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp folder left
+
+    base = json.loads((out / "baseline.json").read_text())
+    int4 = json.loads((out / "int4.json").read_text())
+    assert base["recipe"] is None and int4["recipe"]["hash"]
+    m = int4["metrics"]
+    assert m["kl_divergence"] > 0 and 0 < m["top1_agreement"] <= 1
+    assert int4["protocol"]["divergence"]["reference"].startswith("float16")
+    assert "calibration" not in int4["protocol"]  # RTN reads no calibration data
+    assert m["tasks"]["yes_no"]["samples"] == 4
+    assert int4["protocol"]["tasks"]["data_files"]["yes_no:test"]["sha256"]
+    assert m["speed"]["decode"][0]["batch"] == 1 and m["speed"]["gpu"] is None
+    assert int4["protocol"]["speed"]["device"] == "cpu"
+    for doc in (base, int4):
+        assert doc["environment"]["compress"] and doc["environment"]["torch"]
+
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["name"] for r in rows] == ["baseline", "int8", "int4"]
+    assert float(rows[2]["perplexity"]) == m["perplexity"]
+    assert float(rows[2]["kl_divergence"]) == m["kl_divergence"]
+    assert rows[2]["hash"] == int4["recipe"]["hash"]
+    assert float(rows[2]["decode_ms_b1"]) > 0 and "task:yes_no:acc" in rows[2]
+
+    report = (out / "report.md").read_text()
+    for needle in ("Δ ppl %", "KL", "top-1 %", "yes_no acc", "decode b1 ms/tok",
+                   "CPU x86_64" if "x86_64" in report else "CPU", int4["recipe"]["hash"],
+                   "ppl_vs_memory.png", "compress 0.1"):
+        assert needle in report
+    assert_self_contained((out / "report.html").read_text(), images=2)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_sweep_refuses_bad_options_before_any_work(tmp_path, capsys):
+    recipes = _recipes(tmp_path)
+    for extra, message in ((["--tasks-dir", str(tmp_path)], "--tasks-dir needs --tasks"),
+                           (["--kl-cache-gb", "-1"], "--kl-cache-gb must be >= 0"),
+                           (["--bench", "--bench-batch", "0"], "must be >= 1"),
+                           (["--windows", "100000", "--seq-len", "64"], "evaluation windows")):
+        assert main(["sweep", *recipes, "--model", "random:tiny", "--out",
+                     str(tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
