@@ -77,7 +77,7 @@ def test_markdown_and_html_state_protocol_machine_and_hashes():
     text = markdown_report(results, title="T")
     assert "hash-int4" in text and "pydoc" in text and "compress 0.1.0" in text
     assert "CPU x86_64 (2 threads)" in text and "not GPU figures" in text
-    assert "| int4 | 10.400 | +4.00 | 0.0100 | 99.00 |" in text
+    assert "| int4 | 10.400 | +4.00 | 0.01 | 99.00 |" in text
     page = html_report(results, title="T")
     assert page.count("data:image/png;base64,") == 2  # memory and decode plots
 
@@ -162,3 +162,16 @@ def assert_self_contained(page: str, images: int) -> None:
     for banned in ("http:", "https:", "//cdn", "<script", "<link", "@import", "url(", "src=\"/"):
         assert banned not in rest.lower()
     assert rest.count("<img") == images
+
+
+def test_a_sweep_folder_stands_for_its_json_files(tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    _write(folder, baseline=result(ppl=10.0), a=result("a", ppl=10.1), b=result("b", ppl=10.5))
+    assert main(["report", str(folder), "--max-ppl-increase", "2%"]) == 1
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("GATE")] == \
+        [f"GATE FAILED b ({folder / 'b.json'})"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2

@@ -19,7 +19,8 @@ def add_parser(subparsers) -> None:
         "against a baseline. With thresholds it is a regression gate: one line per broken "
         "threshold and exit status 1; exit 0 when every threshold holds; 2 on bad input "
         "(including a threshold whose figure a JSON lacks).")
-    p.add_argument("results", nargs="+", help="results JSON files or checkpoint folders")
+    p.add_argument("results", nargs="+", help="results JSON files, checkpoint folders (their "
+                   "results.json) or sweep folders (every JSON in them)")
     p.add_argument("--baseline", default=None,
                    help="results JSON of the baseline (default: the one without a recipe)")
     p.add_argument("--out", default=None,
@@ -42,6 +43,22 @@ def add_parser(subparsers) -> None:
     g.add_argument("--min-top1-agreement", type=float, default=None, metavar="FRACTION",
                    help="smallest allowed top-1 token agreement with the baseline (0-1)")
     p.set_defaults(run=run)
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """A folder with results.json stands for that file; any other folder (a sweep's report
+    folder) for its JSON files, baseline.json first."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "results.json")):
+            names = sorted((n for n in os.listdir(path) if n.endswith(".json")),
+                           key=lambda n: (n != "baseline.json", n))
+            if not names:
+                raise UserError(f"folder {path!r} holds neither results.json nor any .json file")
+            out += [os.path.join(path, n) for n in names]
+        else:
+            out.append(path)
+    return out
 
 
 def load_results(path: str) -> dict:
@@ -78,7 +95,7 @@ def run(args) -> int:
     limits = thresholds(args)
     if args.out and _is_folder(args.out):
         check_output(args.out, args.overwrite)
-    paths = list(args.results)
+    paths = expand_paths(args.results)
     results = [load_results(p) for p in paths]
     baseline = load_results(args.baseline) if args.baseline else None
     text = markdown_report(results, baseline, args.title)

@@ -29,7 +29,8 @@ def report_blocks(results: list[dict], baseline: dict | None = None, title: str 
         blocks.append(("p", _task_note(base)))
     prefill, batches = speed_shapes(frame)
     if batches or prefill:
-        blocks += [("h", 2, "Speed"), *_speed_blocks(frame, base, prefill, batches)]
+        blocks += [("h", 2, "Speed"), *_speed_blocks(frame, base, prefill, batches),
+                   _kernel_table(results)]
     if plots:
         from compress.reports.plots import ppl_vs_decode, ppl_vs_memory
 
@@ -86,7 +87,7 @@ def _quality_table(frame: pd.DataFrame) -> tuple:
     rows = []
     for _, r in frame.iterrows():
         rows.append([r["name"], fmt(r["perplexity"], 3), fmt(r["ppl_delta_pct"], 2, sign=True),
-                     fmt(r["kl_divergence"], 4), fmt(100 * r["top1_agreement"], 2),
+                     sig(r["kl_divergence"], 3), fmt(100 * r["top1_agreement"], 2),
                      fmt(100 * r["sparsity"], 1), fmt(r["weight_mb"], 1),
                      fmt(r["weight_ratio"], 2), fmt(r["linear_mb"], 1), fmt(r["linear_ratio"], 2),
                      fmt(r["compress_s"], 1), r["hash"] if isinstance(r["hash"], str) else "-"])
@@ -124,9 +125,9 @@ def _task_note(base: dict) -> str:
 def _speed_blocks(frame, base, prefill, batches) -> list[tuple]:
     headers = ["recipe", "measured on"]
     for shape in prefill:
-        headers += [f"prefill {shape} tok/s", "x"]
+        headers += [f"prefill {shape} tok/s", "speed-up"]
     for b in batches:
-        headers += [f"decode b{b} ms/tok", f"b{b} tok/s", "x", "% roofline"]
+        headers += [f"decode b{b} ms/tok", f"b{b} tok/s", "speed-up", "% roofline"]
     rows = []
     for _, r in frame.iterrows():
         cells = [r["name"], r.get("speed_device") if isinstance(r.get("speed_device"), str)
@@ -142,7 +143,7 @@ def _speed_blocks(frame, base, prefill, batches) -> list[tuple]:
     note = (f"compress engine (static KV cache, own token loop): decode prompt "
             f"{proto.get('prompt')}, {proto.get('new_tokens')} new tokens, greedy, no early stop; "
             f"median of {proto.get('repeats')} after {proto.get('warmup')} warm-up; compile "
-            f"{proto.get('compile')}; inputs {proto.get('inputs')}. x = speed-up over the "
+            f"{proto.get('compile')}; inputs {proto.get('inputs')}. Speed-up is over the "
             "baseline measured in the same run. % roofline = the bytes a step must read over "
             "the copy bandwidth measured in the same run.")
     devices = set(frame.get("speed_device", pd.Series(dtype=object)).dropna())
@@ -150,6 +151,17 @@ def _speed_blocks(frame, base, prefill, batches) -> list[tuple]:
         note += (" Measured on a CPU: these are not GPU figures, and kernels chosen for GPUs "
                  "(int4/int8 matmuls, 2:4 sparsity) may run slower here than float.")
     return [("table", headers, rows), ("p", note)]
+
+
+def _kernel_table(results: list[dict]) -> tuple:
+    """Which kernel ran the linear layers of each timed model (from the engine's last forward)."""
+    rows = []
+    for r in results:
+        kernels = (r["metrics"].get("speed") or {}).get("kernels") or {}
+        labels = sorted(set(kernels.values()))
+        rows.append([(r.get("recipe") or {}).get("name", "baseline"),
+                     "; ".join(labels) if labels else "-"])
+    return ("table", ["recipe", "linear-layer kernels"], rows)
 
 
 def _recipe_table(results: list[dict]) -> tuple:
@@ -171,6 +183,11 @@ def _recipe_table(results: list[dict]) -> tuple:
 
 def _num(value) -> bool:
     return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def sig(value, digits: int) -> str:
+    """Significant digits: KL spans 1e-6 (noise floor) to 1 (a broken model)."""
+    return f"{value:.{digits}g}" if _num(value) else "-"
 
 
 def fmt(value, digits: int, sign: bool = False) -> str:
