@@ -168,5 +168,6 @@ def test_structured_config_errors(name, fields, message):
 def test_structured_runtime_errors(tiny_model, tokens):
     with pytest.raises(UserError, match="KV groups"):
         _prune(tiny_model, "heads", tokens, ratio=0.1)
-    with pytest.raises(UserError, match="below the model's 2 layers"):
+    with pytest.raises(UserError, match="drop 2 leaves no decoder layer of the model's 2; "
+                                        "allowed: 1 to 1"):
         _prune(tiny_model, "layers", tokens, drop=2)

@@ -1,6 +1,9 @@
 """`compress prune MODEL --method NAME [method flags] --out DIR [--eval]`."""
 from __future__ import annotations
 
+import json
+import os
+
 from compress.commands import add_eval_options, add_model_options
 from compress.commands.quantize import add_calibration_options, add_pass_option, run_single_pass
 
@@ -30,4 +33,29 @@ def add_parser(subparsers) -> None:
     add_calibration_options(p)
     add_eval_options(p)
     add_model_options(p)
-    p.set_defaults(run=lambda args: run_single_pass(args, "prune", PRUNE_FLAGS))
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    code = run_single_pass(args, "prune", PRUNE_FLAGS)
+    results = os.path.join(args.out, "results.json")
+    if code == 0 and os.path.exists(results):
+        with open(results) as handle:
+            print(pruning_summary(json.load(handle)["metrics"]))
+    return code
+
+
+def pruning_summary(metrics: dict) -> str:
+    """One line on what the pruning really did: sparsity reached, or the shape removed."""
+    parts = []
+    sparsity = metrics.get("sparsity")
+    if sparsity:
+        per_layer = list(sparsity["per_layer"].values())
+        parts.append(f"sparsity reached {sparsity['overall']:.4f} of decoder linear weights "
+                     f"(per layer {min(per_layer):.4f} to {max(per_layer):.4f})")
+    structured = metrics.get("structured")
+    if structured:
+        parts.append(f"parameters {structured['parameters_before']:,} -> "
+                     f"{structured['parameters_after']:,}")
+    parts.append(f"in {metrics.get('compress_seconds')} s")
+    return "; ".join(parts)

@@ -21,7 +21,7 @@ def input_groups(adapter: Adapter) -> list[tuple[str, ...]]:
 
 
 def float_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every decoder linear, after checking it is still a float nn.Linear (prune before quantize)."""
+    """Every decoder linear, after checking it is still a float nn.Linear (prune, then quantize)."""
     linears = decoder_linears(model)
     for name, linear in linears:
         if not isinstance(linear, nn.Linear):

@@ -10,6 +10,8 @@ in one call; `row_groups` keeps their unstructured masks chosen per matrix.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from compress.errors import UserError
@@ -59,6 +61,22 @@ def _block_counts(sparsity: float, rows: int, cols: int, blocksize: int) -> list
     return counts
 
 
+@contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """The column loop is thousands of tiny ops: on CPU every op waits for all OpenMP threads,
+    which on a shared machine costs milliseconds each; one thread is 10-30x faster there (the
+    per-block matmuls are too small to win back what switching thread counts costs)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5,
                     nm: tuple[int, int] | None = None, blocksize: int = 128, damp: float = 0.01,
@@ -86,10 +104,20 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5
     w = weight.detach().clone().float()
     hinv, dead = inverse_hessian_cholesky(h.to(w.device), damp)
     w[:, dead] = 0
-    keep = torch.ones_like(w, dtype=torch.bool)
     bounds = torch.tensor([0] + row_groups).cumsum(0).tolist()
     counts = [_block_counts(sparsity, g, cols, blocksize) for g in row_groups]
+    with _one_thread_on_cpu(w.device):
+        keep = _prune_columns(w, hinv, nm, blocksize, bounds, counts)
+    w[~keep] = 0
+    return w.to(weight.dtype), keep
 
+
+def _prune_columns(w: torch.Tensor, hinv: torch.Tensor, nm, blocksize: int, bounds: list[int],
+                   counts: list[list[int]]) -> torch.Tensor:
+    """The blocked OBS sweep over the columns of `w` (updated in place); returns the keep mask.
+    `bounds` delimit the row groups, `counts[g][b]` is what group g prunes in column block b."""
+    cols = w.shape[1]
+    keep = torch.ones_like(w, dtype=torch.bool)
     for block, start in enumerate(range(0, cols, blocksize)):
         end = min(start + blocksize, cols)
         w1 = w[:, start:end].clone()
@@ -119,11 +147,10 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5
         w[:, start:end] = w1
         keep[:, start:end] = keep1
         w[:, end:].sub_(err1 @ hinv[start:end, end:])
-    w[~keep] = 0
-    return w.to(weight.dtype), keep
+    return keep
 
 
 def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, h: torch.Tensor) -> float:
-    """Mean over tokens of ||X W^T - X W'^T||^2 (the loss SparseGPT minimizes), from H = 2/n X^T X."""
-    delta = (weight - new_weight).float()
+    """Mean over tokens of ||X W^T - X W'^T||^2 (SparseGPT's loss), from H = 2/n X^T X."""
+    delta = (weight - new_weight).detach().float()
     return float(0.5 * torch.einsum("ij,jk,ik->", delta, h.float(), delta))

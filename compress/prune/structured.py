@@ -112,7 +112,8 @@ def mlp_channels(model: nn.Module, config: MLPChannelsConfig, calib) -> nn.Modul
         else:
             for index, layer in enumerate(layers):
                 measure(index, layer, None)
-        keep_counts = shrink.global_keep_counts(scores, config.ratio, min_keep=max(1, min(widths) // 8))
+        keep_counts = shrink.global_keep_counts(scores, config.ratio,
+                                                min_keep=max(1, min(widths) // 8))
     if min(keep_counts) < 1:
         raise UserError(f"ratio {config.ratio} leaves no MLP channel in some layer")
     removed_by_layer = {}
@@ -268,7 +269,8 @@ def layers(model: nn.Module, config: DropLayersConfig, calib) -> nn.Module:
     a = adapter_for(model)
     total = len(a.layers(model))
     if config.drop >= total:
-        raise UserError(f"drop {config.drop} must be below the model's {total} layers")
+        raise UserError(f"drop {config.drop} leaves no decoder layer of the model's {total}; "
+                        f"allowed: 1 to {total - 1}")
     before = parameter_count(model)
     influence = block_influences(model, calib)
     dropped = sorted(shrink.lowest(torch.tensor(influence), config.drop).tolist())

@@ -66,12 +66,18 @@ class MagnitudeConfig(SparsityConfig):
 @dataclass
 class WandaConfig(MagnitudeConfig):
     scope: str = "row"              # Wanda compares weights within each output row
+    # False (the paper's schedule): every linear's statistics come from one pass of the layer
+    # before any of it is pruned. True: one forward with all samples in one batch, each group
+    # (q/k/v, o, gate/up, down) pruned as the forward reaches it, so o_proj is chosen on the
+    # outputs of the pruned q/k/v, and so on; one forward per layer instead of two.
+    sequential: bool = False
 
 
 @dataclass
 class SparseGPTConfig(SparsityConfig):
     blocksize: int = 128            # columns per lazy-update block
     damp: float = 0.01              # dampening, as a fraction of mean(diag H)
+    sequential: bool = False        # as WandaConfig.sequential
 
     def __post_init__(self):
         super().__post_init__()
@@ -129,6 +135,45 @@ def _profile(model, config: SparsityConfig, calib, weighted: bool) -> list[float
     return masks.owl_profile(ratios, config.sparsity, config.owl_lambda)
 
 
+def _run_pruning(model, config, calib, groups, prune_group, accumulate,
+                 desc: str) -> None:
+    """Stream the calibration samples layer by layer; `prune_group(index, layer, names, stat)`
+    prunes one group of linears of layer `index` given the statistic of their shared input
+    (`accumulate`d over its tokens)."""
+
+    def prune_layer(index, layer, forward):
+        if config.sequential:
+            return _prune_in_one_forward(index, layer, groups, forward, prune_group, accumulate)
+        stats = _group_stats(layer, groups, forward, accumulate)
+        for group in groups:
+            prune_group(index, layer, group, stats[group[0]])
+        return None
+
+    batch = len(calib.samples) if config.sequential else calib.batch_size
+    run_layerwise(model, calib.samples, prune_layer, calib.device, batch, desc)
+
+
+def _prune_in_one_forward(index, layer, groups, forward, prune_group, accumulate):
+    """Prune each group from a pre-hook as the single forward (all samples in one batch) reaches
+    it: the group's linears run already pruned, so everything after them sees pruned inputs and
+    the outputs are those of the pruned layer (the driver needs no second forward)."""
+    done = set()
+
+    def hook(names, x):
+        if names[0] in done:
+            raise RuntimeError("sequential pruning expects one batch per layer forward")
+        done.add(names[0])
+        prune_group(index, layer, names, accumulate(None, x.reshape(-1, x.shape[-1])))
+
+    handles = [layer.get_submodule(names[0]).register_forward_pre_hook(
+        lambda _m, args, names=names: hook(names, args[0])) for names in groups]
+    try:
+        return forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # ----- passes -----------------------------------------------------------------------------------
 
 @register_pass("magnitude", MagnitudeConfig, needs_calibration=False, kind="prune")
@@ -155,16 +200,14 @@ def wanda(model: nn.Module, config: WandaConfig, calib) -> nn.Module:
     groups = input_groups(adapter)
     targets = _profile(model, config, calib, weighted=True)
 
-    def prune_layer(index, layer, forward):
-        norms = _group_stats(layer, groups, forward, _sq_norms)
-        for group in groups:
-            for name in group:
-                weight = layer.get_submodule(name).weight
-                scores = masks.wanda_scores(weight, norms[group[0]].to(weight.device))
-                keep = masks.select_mask(scores, targets[index], config.pattern, config.scope)
-                weight.mul_(keep.to(weight.dtype))
+    def prune_group(index, layer, group, sq_norms):
+        for name in group:
+            weight = layer.get_submodule(name).weight
+            scores = masks.wanda_scores(weight, sq_norms.to(weight.device))
+            keep = masks.select_mask(scores, targets[index], config.pattern, config.scope)
+            weight.mul_(keep.to(weight.dtype))
 
-    run_layerwise(model, calib.samples, prune_layer, calib.device, calib.batch_size, "wanda")
+    _run_pruning(model, config, calib, groups, prune_group, _sq_norms, "wanda")
     report_sparsity(model, "wanda", config.pattern, targets)
     return model
 
@@ -177,18 +220,15 @@ def sparsegpt(model: nn.Module, config: SparseGPTConfig, calib) -> nn.Module:
     groups = input_groups(adapter)
     targets = _profile(model, config, calib, weighted=True)
 
-    def prune_layer(index, layer, forward):
-        hessians = _group_stats(layer, groups, forward, _hessian)
-        for group in groups:
-            # Matrices sharing an input share H: stack their rows and prune them in one call.
-            weights = [layer.get_submodule(name).weight for name in group]
-            pruned, _ = sparsegpt_prune(torch.cat([w.data for w in weights]),
-                                        hessians[group[0]][0], targets[index], config.nm(),
-                                        config.blocksize, config.damp,
-                                        row_groups=[w.shape[0] for w in weights])
-            for weight, part in zip(weights, pruned.split([w.shape[0] for w in weights])):
-                weight.copy_(part)
+    def prune_group(index, layer, group, hessian):
+        # Matrices sharing an input share H: stack their rows and prune them in one call.
+        weights = [layer.get_submodule(name).weight for name in group]
+        pruned, _ = sparsegpt_prune(torch.cat([w.data for w in weights]), hessian[0],
+                                    targets[index], config.nm(), config.blocksize, config.damp,
+                                    row_groups=[w.shape[0] for w in weights])
+        for weight, part in zip(weights, pruned.split([w.shape[0] for w in weights])):
+            weight.copy_(part)
 
-    run_layerwise(model, calib.samples, prune_layer, calib.device, calib.batch_size, "sparsegpt")
+    _run_pruning(model, config, calib, groups, prune_group, _hessian, "sparsegpt")
     report_sparsity(model, "sparsegpt", config.pattern, targets)
     return model
