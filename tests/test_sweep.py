@@ -62,6 +62,7 @@ def test_sweep_writes_the_whole_report_folder(tmp_path, capsys):
     assert int4["protocol"]["speed"]["device"] == "cpu"
     for doc in (base, int4):
         assert doc["environment"]["compress"] and doc["environment"]["torch"]
+        assert len(doc["environment"]["source"]["commit"]) == 12  # the tests run in a checkout
 
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))

@@ -93,6 +93,7 @@ class Measure:
 
     def __init__(self, args, session: Session, tasks: TaskRunner | None, bench):
         self.session, self.tasks, self.bench = session, tasks, bench
+        self.source = source_state()
         self.ceilings = None
         if bench is not None:
             from evaluate.bench import measure_ceilings
@@ -101,6 +102,8 @@ class Measure:
             self.ceilings = measure_ceilings(bench, session.device, resolve_dtype(args))
 
     def add(self, result: dict, model, name: str) -> dict:
+        if self.source:
+            result["environment"]["source"] = self.source
         if self.tasks is not None:
             result["metrics"]["tasks"] = self.tasks.run(model, self.session.loaded.tokenizer)
             result["protocol"]["tasks"] = self.tasks.protocol()
@@ -116,6 +119,24 @@ class Measure:
                 "ceilings": self.ceilings}
             result["protocol"]["speed"] = self.bench.protocol(self.session.device)
         return result
+
+
+def source_state() -> dict | None:
+    """The git commit of the compress source and whether it had uncommitted changes: during
+    development the package version alone does not say which code produced a figure."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "."],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None  # an installed package, not a checkout
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def run(args) -> int:

@@ -63,8 +63,11 @@ def _setup(results: list[dict], base: dict) -> list[tuple]:
                      f"{proto['divergence'].get('reference')}.")
     machines = sorted({_machine(r["environment"]) for r in results})
     env = base["environment"]
-    items.append(f"Software: compress {env['compress']}, torch {env['torch']}, transformers "
-                 f"{env['transformers']}, python {env.get('python')}.")
+    src = env.get("source")
+    code = (f" (git {src['commit']}{', with uncommitted changes' if src['dirty'] else ''})"
+            if src else "")
+    items.append(f"Software: compress {env['compress']}{code}, torch {env['torch']}, "
+                 f"transformers {env['transformers']}, python {env.get('python')}.")
     items.append(f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}.")
     items.append(f"Date: {env.get('date')}.")
     if prov.get("loader") == "gguf":
