@@ -12,8 +12,9 @@ Why float16 log-probs and not bfloat16 or logits: the probable tokens carry the 
 log-probs are near 0 where float16's absolute error is smallest (about 1e-3 at |x| ~ 4, 1e-4 at
 |x| < 0.5); bfloat16 keeps 3 fewer mantissa bits. The stored values are re-normalized
 (log_softmax in float32) before use, so the reference is a proper distribution and a model's KL
-from its own cache is second order in the rounding: a noise floor of about 1e-6 nats, against
-1e-3 to 1e-1 for compressed models. The top-1 token of the reference is kept exactly (int32 ids
+from its own cache is second order in the rounding. Measured on SmolLM2 (3 pydoc windows): the
+floor is 2.9e-7 nats (int8 per-channel is at 3e-3), and int4-g64's KL from the cache differs from
+the KL against a recomputed float32 baseline by 5e-7 relative. The top-1 token of the reference is kept exactly (int32 ids
 from the float32 logits), so rounding never flips agreement. The KL is summed in float32 over the
 vocabulary and in float64 over positions.
 """
