@@ -14,8 +14,9 @@ from typing import Callable
 from compress.errors import UserError, choices
 
 # Modules whose functions carry @register_pass. Add a module here to add its passes.
-PASS_MODULES = ("compress.quant.rtn", "compress.quant.smoothquant", "compress.quant.fp8",
-                "compress.quant.bnb", "compress.prune.unstructured", "compress.prune.structured")
+PASS_MODULES = ("compress.quant.rtn", "compress.quant.gptq", "compress.quant.awq",
+                "compress.quant.smoothquant", "compress.quant.fp8", "compress.quant.bnb",
+                "compress.prune.unstructured", "compress.prune.structured")
 
 
 @dataclass(frozen=True)

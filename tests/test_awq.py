@@ -1,0 +1,149 @@
+"""AWQ: folding scales is an identity before rounding, the searches beat round-to-nearest on
+layers with outlier input channels, and the pass runs end to end with an exact reload."""
+import pytest
+import torch
+
+from compress.adapters import adapter_for
+from compress.calibration import collect_linear_inputs, run_layerwise
+from compress.cli import main
+from compress.data import eval_windows
+from compress.errors import UserError
+from compress.formats import grid
+from compress.formats.int4 import Int4Linear
+from compress.pipeline import Session, compress_model
+from compress.quant.awq import (AWQConfig, clip_ratios, foldable_heads, output_error,
+                                scale_layer, search_scales, tie_heads)
+from compress.quant.stats import InputStats
+from compress.recipe import recipe_from_dict
+from compress.sources import load_model
+
+
+def outlier_inputs(tokens=2048, features=128, seed=0):
+    """LLM-like activations: most channels small, a few channels 20-50x larger."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=g)
+    x[:, [3, 40, 77, 100]] *= torch.tensor([20.0, 30.0, 50.0, 25.0])
+    return x
+
+
+def random_weight(out=96, features=128, seed=1):
+    return torch.randn(out, features, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+def test_output_error_from_the_gram_matrix_is_the_output_error():
+    x, w = outlier_inputs(), random_weight()
+    d = w - grid.fake_quantize(w, 4, True, 32)
+    direct = (x @ d.T).pow(2).sum()
+    assert float(output_error(d, x.T @ x)) == pytest.approx(float(direct), rel=1e-4)
+
+
+@pytest.mark.parametrize("group_size,symmetric", [(32, True), (32, False), (0, True)])
+def test_awq_layer_error_is_below_rtn_with_outlier_channels(group_size, symmetric):
+    x, w = outlier_inputs(), random_weight()
+    gram = x.T @ x
+    rtn = float(output_error(w - grid.fake_quantize(w, 4, symmetric, group_size), gram))
+    s, alpha, errors = search_scales(w, gram, x.abs().mean(0), 4, group_size, symmetric, 20)
+    assert errors[0] == pytest.approx(rtn, rel=1e-5)        # alpha = 0 is plain RTN
+    assert alpha > 0 and min(errors) < 0.7 * rtn
+    # Clipping on top of the scales lowers the error further (it may never raise it).
+    scaled, scaled_gram = w * s, gram / (s[:, None] * s[None, :])
+    ratio = clip_ratios(scaled, scaled_gram, 4, group_size, symmetric, 0.5, 20)
+    assert ((ratio > 0.5) & (ratio <= 1.0)).all() and (ratio < 1).any()
+    scale, zero = grid.compute_qparams(scaled, 4, symmetric, group_size, ratio)
+    clipped = grid.dequantize(grid.quantize(scaled, scale, zero, 4, group_size), scale, zero,
+                              group_size)
+    assert float(output_error(scaled - clipped, scaled_gram)) <= min(errors) * (1 + 1e-5)
+
+
+def test_tie_heads_shares_one_value_per_key_value_channel():
+    x = torch.arange(4 * 3.0)            # 4 query heads of 3 channels
+    tied = tie_heads(x, 4, 2).reshape(2, 2, 3)
+    assert torch.equal(tied[:, 0], tied[:, 1])
+    assert torch.allclose(tied[0, 0], (x[0:3] + x[3:6]) / 2)
+
+
+def _scale_only(model, samples, config):
+    adapter, heads = adapter_for(model), foldable_heads(model)
+    watched = [f"self_attn.{n}" for n in ("q_proj", "o_proj")] + \
+        [f"mlp.{n}" for n in ("gate_proj", "down_proj")]
+
+    def compress_layer(_index, layer, forward):
+        stats = {name: InputStats(track_abs=True) for name in watched}
+        collect_linear_inputs({n: layer.get_submodule(n) for n in watched}, forward,
+                              lambda name, x: stats[name].add(x))
+        scale_layer(layer, adapter, stats, config, heads)
+
+    run_layerwise(model, samples, compress_layer, batch_size=2)
+
+
+def test_folding_awq_scales_leaves_the_float_function_unchanged(tiny_model, tokens):
+    assert foldable_heads(tiny_model) == (4, 2)               # GQA: v -> o with tied scales
+    layer = tiny_model.model.layers[0]
+    before_weights = [layer.input_layernorm.weight.clone(), layer.self_attn.v_proj.weight.clone(),
+                      layer.mlp.up_proj.weight.clone()]
+    with torch.no_grad():
+        before = tiny_model(tokens).logits
+        _scale_only(tiny_model, tokens, AWQConfig(bits=4, group_size=32))
+        after = tiny_model(tokens).logits
+    for old, new in zip(before_weights, [layer.input_layernorm.weight,
+                                         layer.self_attn.v_proj.weight, layer.mlp.up_proj.weight]):
+        assert not torch.equal(old, new)
+    assert (after - before).norm() / before.norm() < 1e-5
+
+
+def _with_outlier_channels(model):
+    """A few hidden channels with large activations, as trained LLMs have (random ones do not)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] = 30.0
+            layer.post_attention_layernorm.weight[[5, 40]] = 30.0
+    return model
+
+
+def test_awq_pass_beats_rtn_on_a_tiny_model_with_outliers():
+    session = Session.open("random:tiny")
+    _with_outlier_channels(session.loaded.model)
+    tokens = eval_windows(session.corpus, 128, 4)     # held out from the calibration half
+    with torch.no_grad():
+        reference = session.loaded.model(tokens).logits
+
+    def logits_error(passes):
+        recipe = recipe_from_dict({"passes": passes, "calibration": {"samples": 16, "seq_len": 128}},
+                                  "t")
+        model, _ = compress_model(session, recipe)
+        with torch.no_grad():
+            return float((model(tokens).logits - reference).norm())
+
+    quant = {"bits": 4, "group_size": 32, "symmetric": True}
+    rtn = logits_error([{"pass": "rtn", **quant}])
+    assert logits_error([{"pass": "awq", "clip": False, **quant}]) < rtn
+    assert logits_error([{"pass": "awq", **quant}]) < rtn
+
+
+def test_cli_awq_saves_and_reloads_bit_identical(tmp_path, tokens):
+    out = tmp_path / "awq"
+    assert main(["quantize", "random:tiny", "--method", "awq", "--bits", "4", "--group-size", "32",
+                 "--asymmetric", "--calib-samples", "8", "--calib-seq-len", "64",
+                 "--out", str(out)]) == 0
+    reloaded = load_model(str(out)).model
+    recipe = recipe_from_dict({"passes": [{"pass": "awq", "bits": 4, "group_size": 32,
+                                           "symmetric": False}],
+                               "calibration": {"samples": 8, "seq_len": 64}}, "t")
+    in_memory, _ = compress_model(Session.open("random:tiny"), recipe)
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, in_memory(tokens).logits)
+    assert isinstance(reloaded.model.layers[1].self_attn.o_proj, Int4Linear)
+    assert set(in_memory.compress_report["awq"]["alpha"]) == {"q_proj", "o_proj", "gate_proj",
+                                                              "down_proj"}
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"n_grid": 0}, "n_grid must be a positive number"),
+    ({"max_shrink": 1.0}, "max_shrink must be in [0, 1)"),
+    ({"max_shrink": -0.1}, "max_shrink must be in [0, 1)"),
+    ({"bits": 2}, "bits must be one of 4, 8"),
+])
+def test_bad_config_values_are_one_line_errors(fields, message):
+    with pytest.raises(UserError) as caught:
+        AWQConfig(**fields)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
