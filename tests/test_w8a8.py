@@ -12,7 +12,8 @@ from compress.calibration import CalibrationData, collect_linear_inputs, run_lay
 from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.cli import main
 from compress.errors import UserError
-from compress.formats.w8a8 import W8A8Linear, fake_quantize_rows, quantize_rows
+from compress.formats.w8a8 import (CUDA_MIN_ROWS, W8A8Linear, fake_quantize_rows, int_mm_padded,
+                                   quantize_rows)
 from compress.passes import build_config, pass_table
 from compress.quant.smoothquant import (SmoothQuantConfig, quantize_layer, smooth_layer,
                                         smoothing_scales, smoothquant, update_channel_absmax)
@@ -62,6 +63,29 @@ def test_fast_int_mm_equals_the_reference_up_to_float_rounding():
         assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
     layer(x)
     assert layer.kernel in ("reference", "torch._int_mm")
+
+
+def test_zero_row_padding_leaves_the_int8_product_unchanged():
+    """Decode on CUDA pads m <= 16 rows up to cuBLAS' minimum: the real rows must be exact."""
+    torch.manual_seed(1)
+    qw_t = torch.randint(-127, 128, (256, 96), dtype=torch.int8)
+    for rows in (1, 5, CUDA_MIN_ROWS - 1, CUDA_MIN_ROWS, 40):
+        qx = torch.randint(-127, 128, (rows, 256), dtype=torch.int8)
+        padded = int_mm_padded(qx, qw_t, CUDA_MIN_ROWS)
+        assert padded.shape == (rows, 96) and padded.dtype == torch.int32
+        assert torch.equal(padded, qx.int() @ qw_t.int())
+
+
+@pytest.mark.gpu
+def test_cuda_int_mm_serves_decode_shapes():
+    """On a GPU every batch size, decode's m = 1 included, runs the int8 tensor-core path."""
+    layer = W8A8Linear.from_float(_linear()).cuda()
+    for tokens in (1, 8, 40):
+        x = torch.randn(1, tokens, 256, device="cuda")
+        y = layer(x)
+        assert layer.kernel == "torch._int_mm"
+        ref = layer.reference_forward(x)
+        assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_smoothing_scales_follow_the_formula():
