@@ -1,0 +1,64 @@
+"""Memory accounting and `compress bench` on the CPU: the figures it reports are the true byte
+counts, and the command writes every field the GPU run will fill."""
+import json
+
+import torch
+
+from compress.cli import main
+from compress.quant.rtn import RTNConfig, rtn
+from evaluate.memory import weight_bytes
+
+
+def _unique_parameter_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())   # tied: counted once
+
+
+def test_weight_bytes_of_a_float_model_are_its_parameter_bytes(tiny_model):
+    config = tiny_model.config
+    measured = weight_bytes(tiny_model)
+    assert measured["total"] == _unique_parameter_bytes(tiny_model)
+    assert measured["embedding"] == config.vocab_size * config.hidden_size * 4
+    assert measured["lm_head"] == 0                  # tied: stored once, under the embedding
+    layers = tiny_model.model.layers
+    linear = sum(m.weight.numel() * 4 for layer in layers for m in layer.modules()
+                 if isinstance(m, torch.nn.Linear))
+    assert measured["linear"] == linear
+
+
+def test_weight_bytes_of_an_int4_model_are_its_stored_bytes(tiny_model):
+    config = tiny_model.config
+    float_linear = weight_bytes(tiny_model)["linear"]
+    quantized = rtn(tiny_model, RTNConfig(bits=4, group_size=32, symmetric=True))
+    stored = {t.data_ptr(): t.numel() * t.element_size()          # the tied lm_head once
+              for t in quantized.state_dict().values()}
+    measured = weight_bytes(quantized)
+    assert measured["total"] == sum(stored.values())
+    # Half a byte per weight plus one float32 scale per group of 32 (symmetric: no zeros stored).
+    assert measured["linear"] == float_linear // 4 * (1 / 2 + 4 / 32)
+    assert measured["embedding"] == config.vocab_size * config.hidden_size * 4
+
+
+def test_bench_on_cpu_writes_every_figure(tmp_path):
+    out = tmp_path / "bench"
+    code = main(["bench", "random:tiny", "--batch", "1,2", "--prompt", "8", "--new", "4",
+                 "--prefill", "1x16", "--warmup", "0", "--repeats", "1", "--peers", "none",
+                 "--out", str(out)])
+    assert code in (0, None)
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.md").read_text().count("|") > 10
+    assert report["ceilings"]["copy"]["bytes_per_s"] > 0
+    assert report["ceilings"]["matmul"]["flop_per_s"] > 0
+    (row,) = report["rows"]
+    assert row["weight_bytes"]["total"] == 476416                  # the tiny model, float32
+    (prefill,) = row["prefill"]
+    assert prefill["tokens_per_s"] > 0 and prefill["ttft_ms"] > 0
+    one, two = row["decode"]
+    assert (one["batch"], two["batch"]) == (1, 2)
+    assert one["ms_per_token"] > 0 and 0 < one["pct_of_roofline"] <= 100
+    # Static cache: key + value, 2 layers x 2 KV heads x 16 dims of float32 per token, for the
+    # prompt, the first token (from the prefill) and the timed new tokens of every sequence.
+    per_token = 2 * 2 * 2 * 16 * 4
+    assert one["kv_cache_bytes"] == per_token * (8 + 1 + 4)
+    assert two["kv_cache_bytes"] == 2 * one["kv_cache_bytes"]
+    assert prefill["kv_cache_bytes"] == per_token * (16 + 1)
+    assert row["kernels"]["mlp.down_proj"] == "Linear: torch.nn.functional.linear"
