@@ -9,6 +9,7 @@ import pytest
 from compress.cli import main
 from compress.reports import html_report, markdown_report, write_report_files
 from compress.reports.frame import pareto_front, results_frame
+from compress.reports.verdict import shape_speedups, verdict
 
 PROTOCOL = {"corpus": "pydoc", "eval_seq_len": 64, "eval_windows": 2, "dtype": "float32",
             "device": "cpu"}
@@ -62,6 +63,28 @@ def test_frame_has_absolute_figures_and_deltas():
     assert a["kl_divergence"] == 0.02
     assert math.isnan(frame.iloc[0]["kl_divergence"])
     assert math.isnan(a["task:t:acc_delta"])  # the baseline has no task score to compare with
+
+
+def test_speed_verdict_names_where_a_recipe_wins_and_says_memory_only_otherwise():
+    speedups = [("prefill 1x2048", 0.8), ("decode b1", 2.1), ("decode b8", 1.03)]
+    assert verdict(speedups, 4.0) == ("decode b1", "decode b8", "prefill 1x2048",
+                                      "mixed: faster at some shapes, slower at others")
+    assert verdict([("decode b1", 0.97), ("decode b8", 0.5)], 4.0)[3] == \
+        "memory only: smaller, no faster, slower at some shapes"
+    assert verdict([("decode b1", 0.97)], 4.0)[3] == "memory only: smaller, no faster"
+    assert verdict([("decode b1", 1.5), ("decode b8", 1.2)], 4.0)[3] == \
+        "faster at every measured shape"
+    assert verdict([("decode b1", 0.99)], 1.0)[3] == "no change"
+    assert verdict([], 4.0)[3] == "not measured"
+    # The same figures through the frame: a 4x smaller model, 2x slower everywhere.
+    frame = results_frame([result(ms=10), result("slow", total=250e6, ms=20)])
+    assert list(frame["speed_verdict"]) == ["baseline", "memory only: smaller but slower at "
+                                            "every measured shape"]
+    row = frame.iloc[1].to_dict()
+    assert shape_speedups(row, ["1x2048"], [1, 8]) == [("prefill 1x2048", 0.5),
+                                                      ("decode b1", 0.5), ("decode b8", 0.5)]
+    assert "| slow | memory only" in markdown_report([result(ms=10), result("slow", ms=20,
+                                                                          total=250e6)])
 
 
 def test_pareto_front_minimizes_perplexity_against_memory_or_speed():

@@ -9,6 +9,7 @@ import math
 import pandas as pd
 
 from compress.reports.frame import pick_baseline, results_frame, speed_shapes, task_columns
+from compress.reports.verdict import NOISE, shape_speedups, verdict
 
 
 def report_blocks(results: list[dict], baseline: dict | None = None, title: str = "",
@@ -30,6 +31,7 @@ def report_blocks(results: list[dict], baseline: dict | None = None, title: str 
     prefill, batches = speed_shapes(frame)
     if batches or prefill:
         blocks += [("h", 2, "Speed"), *_speed_blocks(frame, base, prefill, batches),
+                   _verdict_table(frame, prefill, batches), ("p", VERDICT_NOTE),
                    _kernel_table(results)]
     if plots:
         from compress.reports.plots import ppl_vs_decode, ppl_vs_memory
@@ -154,6 +156,22 @@ def _speed_blocks(frame, base, prefill, batches) -> list[tuple]:
         note += (" Measured on a CPU: these are not GPU figures, and kernels chosen for GPUs "
                  "(int4/int8 matmuls, 2:4 sparsity) may run slower here than float.")
     return [("table", headers, rows), ("p", note)]
+
+
+VERDICT_NOTE = (f"Verdict: a speed-up within {NOISE:.0%} of 1.0 counts as the same (the speed "
+                "protocol's run-to-run tolerance). \"Memory only\": the recipe is smaller but no "
+                "measured shape got faster.")
+
+
+def _verdict_table(frame: pd.DataFrame, prefill: list[str], batches: list[int]) -> tuple:
+    rows = []
+    for r in frame.to_dict("records"):
+        if r.get("speed_verdict") == "baseline":
+            continue
+        faster, same, slower, word = verdict(shape_speedups(r, prefill, batches),
+                                             r["weight_ratio"])
+        rows.append([r["name"], word, faster, same, slower])
+    return ("table", ["recipe", "speed-up verdict", "faster at", "the same at", "slower at"], rows)
 
 
 def _kernel_table(results: list[dict]) -> tuple:

@@ -12,6 +12,7 @@ import math
 import pandas as pd
 
 from compress.errors import UserError
+from compress.reports.verdict import shape_speedups, verdict
 
 MB = 1e6
 PROTOCOL_KEYS = ("corpus", "eval_seq_len", "eval_windows", "dtype")
@@ -40,6 +41,11 @@ def results_frame(results: list[dict], baseline: dict | None = None) -> pd.DataF
             frame[column.replace("decode_ms_", "decode_speedup_")] = ref / frame[column]
         else:
             frame[column.replace("prefill_tok_s_", "prefill_speedup_")] = frame[column] / ref
+    prefill, batches = speed_shapes(frame)
+    if prefill or batches:
+        frame["speed_verdict"] = [
+            verdict(shape_speedups(r, prefill, batches), r["weight_ratio"])[3]
+            if r["name"] != b["name"] else "baseline" for r in frame.to_dict("records")]
     for column in [c for c in frame.columns if c.startswith("task:") and
                    not c.endswith("_stderr")]:
         frame[column + "_delta"] = frame[column] - b.get(column, math.nan)
