@@ -1,7 +1,9 @@
 """Corpora and their fixed splits (PROTOCOL.md): evaluation windows and calibration samples.
 
 `pydoc` ships with every Python; local .txt/.jsonl/.parquet files go through `datasets`;
-any other name is a hub dataset (`wikitext` is wikitext-2-raw-v1).
+any other name is a hub dataset (`wikitext` is wikitext-2-raw-v1). `random` is uniform random
+token ids of the model's vocabulary: for timing and memory runs of compression on random-weight
+models (e.g. GPTQ of the Llama-3-8B shape on 128 x 2048 tokens), never for quality.
 """
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ import torch
 from compress.errors import UserError
 from compress.hub import hub_reachable
 
-CORPUS_HELP = "pydoc, wikitext, a local .txt/.jsonl/.parquet file, or a hub dataset name[:config]"
+CORPUS_HELP = ("pydoc, wikitext, random, a local .txt/.jsonl/.parquet file, or a hub dataset "
+               "name[:config]")
 # Protocol defaults per corpus: evaluation window length and count (None: every full window).
-EVAL_DEFAULTS = {"pydoc": (1024, 20), "wikitext": (2048, None)}
+EVAL_DEFAULTS = {"pydoc": (1024, 20), "wikitext": (2048, None), "random": (2048, 4)}
+RANDOM_TOKENS = (8 * 2048, 256 * 2048)   # evaluation, calibration
+RANDOM_SEEDS = (0, 1)
 LOCAL_DEFAULTS = (1024, 20)
 HUB_ALIASES = {"wikitext": ("wikitext", "wikitext-2-raw-v1")}
 
@@ -32,7 +37,10 @@ def eval_defaults(corpus: str) -> tuple[int, int | None]:
     return EVAL_DEFAULTS.get(corpus, LOCAL_DEFAULTS)
 
 
-def load_corpus(name: str, tokenizer) -> TokenizedCorpus:
+def load_corpus(name: str, tokenizer, vocab_size: int | None = None) -> TokenizedCorpus:
+    """`vocab_size` (the model's) is needed by the `random` corpus only."""
+    if name == "random":
+        return random_corpus(vocab_size or len(tokenizer))
     eval_text, calib_text = _texts(name)
     eval_ids = _tokenize(tokenizer, eval_text)
     if calib_text is None:
@@ -40,6 +48,14 @@ def load_corpus(name: str, tokenizer) -> TokenizedCorpus:
         half = len(eval_ids) // 2
         return TokenizedCorpus(name, eval_ids[:half], eval_ids[half:], "second half of the stream")
     return TokenizedCorpus(name, eval_ids, _tokenize(tokenizer, calib_text), "train split")
+
+
+def random_corpus(vocab_size: int) -> TokenizedCorpus:
+    """Token ids uniform in [1, vocab_size), fixed seeds; calibration and evaluation differ."""
+    ids = [torch.randint(1, vocab_size, (count,), generator=torch.Generator().manual_seed(seed))
+           for count, seed in zip(RANDOM_TOKENS, RANDOM_SEEDS)]
+    return TokenizedCorpus("random", ids[0], ids[1],
+                           f"uniform random token ids (seed {RANDOM_SEEDS[1]})")
 
 
 def eval_windows(corpus: TokenizedCorpus, seq_len: int, count: int | None) -> torch.Tensor:

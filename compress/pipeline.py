@@ -17,10 +17,11 @@ from compress.data import (TokenizedCorpus, calibration_samples, eval_defaults, 
                            load_corpus)
 from compress.passes import pass_table
 from compress.recipe import EvaluationSettings, Recipe, apply_recipe
-from compress.sources import Loaded, load_model
+from compress.sources import Loaded, check_device, load_model
 from evaluate.divergence import Reference, evaluate_windows
 from evaluate.memory import parameter_count, weight_bytes
 from evaluate.perplexity import perplexity
+from evaluate.timing import PeakMemory
 from evaluate.results import build_results, write_json
 
 
@@ -40,7 +41,8 @@ class Session:
             from compress.sources import byte_tokenizer
 
             loaded.tokenizer = byte_tokenizer()
-        return cls(loaded, load_corpus(corpus, loaded.tokenizer), device)
+        return cls(loaded, load_corpus(corpus, loaded.tokenizer, loaded.model.config.vocab_size),
+                   device)
 
 
 def evaluation_windows(session: Session, settings: EvaluationSettings) -> torch.Tensor:
@@ -87,13 +89,20 @@ def compress_model(session: Session, recipe: Recipe):
     """A compressed copy of the session's model (the source is never modified) and pass timing."""
     model = copy.deepcopy(session.loaded.model)
     calib = None
+    s = recipe.calibration
+    device = s.device or session.device
     if recipe.needs_calibration():
-        s = recipe.calibration
+        check_device(device, "calibration device")
         calib = CalibrationData(calibration_samples(session.corpus, s.samples, s.seq_len),
-                                s.batch_size, session.device)
-    started = time.perf_counter()
-    model = apply_recipe(model, recipe, calib)
-    return model, round(time.perf_counter() - started, 2)
+                                s.batch_size, device)
+    with PeakMemory(device) as peak:
+        started = time.perf_counter()
+        model = apply_recipe(model, recipe, calib)
+        seconds = round(time.perf_counter() - started, 2)
+    if peak.peak is not None:
+        stats = getattr(model, "compress_report", None) or {}
+        model.compress_report = {**stats, "compress_peak_gpu_bytes": peak.peak}
+    return model, seconds
 
 
 def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite: bool,
@@ -103,6 +112,9 @@ def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite:
 
     def produce():
         model, seconds = compress_model(session, recipe)
+        peak = (getattr(model, "compress_report", None) or {}).get("compress_peak_gpu_bytes")
+        print(f"compressed in {seconds:.1f} s" +
+              (f"; peak GPU memory {peak / 2**30:.2f} GiB" if peak is not None else ""))
         if not do_eval:
             return model, None
         return model, evaluate(session, model, recipe.evaluation, resolved, desc=recipe.name,

@@ -33,6 +33,11 @@ class CalibrationSettings:
     samples: int = 64
     seq_len: int = 512
     batch_size: int = 8
+    # Where each layer is calibrated and compressed; None: the model's device. `cuda` with the
+    # model on the CPU keeps one layer at a time on the GPU: a model larger than the GPU can be
+    # compressed. Where does not change what: it is left out of the recipe hash (and out of the
+    # resolved recipe when unset).
+    device: str | None = None
 
 
 @dataclass
@@ -59,7 +64,8 @@ class Recipe:
     def resolved(self) -> dict:
         """Every default filled in, with the package version: saved beside every output."""
         out = {"name": self.name, "model": self.model, "corpus": self.corpus,
-               "calibration": dataclasses.asdict(self.calibration),
+               "calibration": {k: v for k, v in dataclasses.asdict(self.calibration).items()
+                               if not (k == "device" and v is None)},
                "evaluation": dataclasses.asdict(self.evaluation),
                "passes": [config_to_dict(name, cfg) for name, cfg in self.passes],
                "compress_version": compress.__version__}
@@ -72,6 +78,8 @@ TOP_LEVEL = {"name", "description", "model", "corpus", "calibration", "evaluatio
 
 def recipe_hash(resolved: dict) -> str:
     body = {k: v for k, v in resolved.items() if k not in ("hash", "compress_version", "name")}
+    if "calibration" in body:      # where a layer is calibrated does not change what comes out
+        body["calibration"] = {k: v for k, v in body["calibration"].items() if k != "device"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 

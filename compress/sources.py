@@ -29,6 +29,14 @@ class Loaded:
     provenance: dict = field(default_factory=dict)
 
 
+def check_device(device: str, what: str = "device") -> None:
+    """A one-line UserError unless `device` is cpu, or cuda / cuda:N on a machine with CUDA."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{what} {device!r} asked but CUDA is not available; allowed: cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"unknown {what} {device!r}; allowed: cpu, cuda, cuda:N")
+
+
 def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Loaded:
     """Load any supported source. The model is in eval mode, on `device`, in `dtype`."""
     if source == SMOLLM2_ALIAS:

@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 
 from compress.cli import main
@@ -61,6 +62,8 @@ def test_run_recipe_and_sweep(tmp_path):
     (["report", "missing.json", "--out", "X"], "results file 'missing.json' does not exist"),
     (["quantize", "random:tiny", "--method", "rtn", "--option", "color=red", "--out", "X"],
      r"unknown field(s) color for pass 'rtn'"),
+    (["quantize", "random:tiny", "--method", "gptq", "--calib-device", "tpu", "--out", "X"],
+     "unknown calibration device 'tpu'; allowed: cpu, cuda, cuda:N"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys,
                                                          monkeypatch):
@@ -106,3 +109,25 @@ def test_hub_names_offline_fail_with_one_line(argv, message, monkeypatch, capsys
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_calibration_device_and_random_corpus(tmp_path, capsys):
+    """GPTQ calibrated on an explicit device over random tokens (the 8B timing setup, tiny)."""
+    out = tmp_path / "g"
+    assert main(["quantize", "random:tiny", "--method", "gptq", "--bits", "4", "--group-size",
+                 "32", "--corpus", "random", "--calib-samples", "4", "--calib-seq-len", "64",
+                 "--calib-device", "cpu", "--out", str(out)]) == 0
+    assert "compressed in" in capsys.readouterr().out
+    recipe = json.loads((out / "compress.json").read_text())["recipe"]
+    assert recipe["corpus"] == "random" and recipe["calibration"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_recipe_asking_for_a_gpu_calibration_fails_cleanly_without_cuda(tmp_path, capsys):
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "g", "calibration": {"device": "cuda"},
+                                      "passes": [{"pass": "gptq", "group_size": 32}]}))
+    assert main(["run", str(recipe), "--model", "random:tiny", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "calibration device 'cuda' asked but CUDA is not available" in err and "\n" not in err
+    assert os.listdir(tmp_path) == ["gptq.yaml"]

@@ -36,3 +36,13 @@ def test_too_few_windows_is_a_user_error(tmp_path):
     (tmp_path / "small.txt").write_text("tiny")
     with pytest.raises(UserError, match="evaluation windows"):
         eval_windows(load_corpus(str(tmp_path / "small.txt"), byte_tokenizer()), 64, 1)
+
+
+def test_random_corpus_is_fixed_disjoint_and_inside_the_vocabulary():
+    first, again = load_corpus("random", byte_tokenizer(), 128256), load_corpus("random", None,
+                                                                                  128256)
+    assert torch.equal(first.calib_ids, again.calib_ids)         # fixed seeds
+    calib = calibration_samples(first, 128, 2048)                 # the GPTQ-8B timing protocol
+    assert calib.shape == (128, 2048)
+    assert calib.min() >= 1 and calib.max() < 128256 and calib.max() > 120000
+    assert not torch.equal(first.eval_ids[:1000], first.calib_ids[:1000])

@@ -17,6 +17,8 @@ def test_resolved_recipe_fills_defaults_and_hashes():
     assert resolved["calibration"] == {"samples": 64, "seq_len": 512, "batch_size": 8}
     assert len(resolved["hash"]) == 12
     assert recipe_from_dict(_recipe(name="other"), "x").resolved()["hash"] == resolved["hash"]
+    on_gpu = recipe_from_dict(_recipe(calibration={"device": "cuda"}), "r").resolved()
+    assert on_gpu["calibration"]["device"] == "cuda" and on_gpu["hash"] == resolved["hash"]
 
 
 def test_group_size_default_depends_on_bits():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from compress.errors import UserError
+from compress.sources import check_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -16,7 +17,8 @@ def add_model_options(parser) -> None:
 
 def add_eval_options(parser) -> None:
     parser.add_argument("--corpus", default=None,
-                        help="pydoc (default), wikitext, a .txt/.jsonl/.parquet file, or a hub dataset")
+                        help="pydoc (default), wikitext, random (token ids for timing runs), a "
+                             ".txt/.jsonl/.parquet file, or a hub dataset")
     parser.add_argument("--windows", type=int, default=None,
                         help="evaluation windows (default: the corpus protocol, 20 for pydoc)")
     parser.add_argument("--seq-len", type=int, default=None,
@@ -25,10 +27,7 @@ def add_eval_options(parser) -> None:
 
 
 def resolve_dtype(args) -> torch.dtype:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {args.device!r} asked but CUDA is not available; allowed: cpu")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        raise UserError(f"unknown device {args.device!r}; allowed: cpu, cuda, cuda:N")
+    check_device(args.device)
     if args.dtype:
         return DTYPES[args.dtype]
     return torch.float32 if args.device == "cpu" else torch.bfloat16

@@ -11,6 +11,7 @@ from compress.errors import UserError, choices
 from compress.passes import build_config, pass_table
 from compress.pipeline import Session, run_recipe
 from compress.recipe import Recipe
+from compress.sources import check_device
 
 # Flags that map one-to-one onto pass config fields (argparse dest == field name).
 PASS_FLAGS = ("bits", "group_size", "symmetric")
@@ -46,6 +47,9 @@ def add_pass_option(p) -> None:
 def add_calibration_options(p) -> None:
     p.add_argument("--calib-samples", type=int, default=None, help="calibration samples (64)")
     p.add_argument("--calib-seq-len", type=int, default=None, help="tokens per sample (512)")
+    p.add_argument("--calib-device", default=None,
+                   help="device that calibrates one layer at a time (default: --device); "
+                        "cuda with --device cpu compresses a model larger than the GPU")
 
 
 def pass_fields(args, flags) -> dict:
@@ -70,6 +74,9 @@ def run_single_pass(args: argparse.Namespace, kind: str, flags) -> int:
         recipe.calibration.samples = args.calib_samples
     if args.calib_seq_len:
         recipe.calibration.seq_len = args.calib_seq_len
+    if args.calib_device:
+        check_device(args.calib_device, "calibration device")
+        recipe.calibration.device = args.calib_device
     apply_eval_options(recipe, args)
     session = Session.open(args.model, recipe.corpus, args.device, resolve_dtype(args))
     results = run_recipe(session, recipe, args.out, args.overwrite, do_eval=args.eval)

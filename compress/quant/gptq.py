@@ -26,6 +26,11 @@ from compress.quant.stats import InputStats, input_groups
 # Dense weights have a few incidental exact zeros (SmolLM2-135M, de-quantized from Q4_1: 33,483
 # of 106M); holding those at zero would only constrain GPTQ, so only sparser layers keep zeros.
 SPARSE_FRACTION = 0.05
+# true_sequential over at most this many calibration tokens runs as one forward of every sample
+# at once (the fastest: SmolLM2's 64 x 512 protocol is 32,768 tokens). Beyond it, the whole
+# set's activations of one layer would not fit (Llama-3-8B on 128 x 2048 tokens: ~7.5 GB per
+# bf16 MLP activation), so each group calibrates in its own forward, in calibration batches.
+ONE_FORWARD_MAX_TOKENS = 65536
 
 
 @dataclass
@@ -41,10 +46,10 @@ class GPTQConfig(WeightQuantConfig):
     static_groups: bool = False
     damp: float = 0.01           # added to the Hessian diagonal, as a fraction of its mean
     block_size: int = 128        # columns per lazy-batch update
-    # True: one forward per layer over all samples at once; each group of linears is quantized
-    # when the forward reaches it, so later linears calibrate on quantized inputs (memory: the
-    # whole calibration set's activations of one layer). False: batched forward with float
-    # linears, then a second forward of the quantized layer.
+    # True: later linears calibrate on the outputs of already quantized ones (q/k/v, then o,
+    # gate/up, down): one forward of all samples when they are few (ONE_FORWARD_MAX_TOKENS),
+    # else one batched forward per group. False: one batched forward with float linears, then a
+    # second forward of the quantized layer.
     true_sequential: bool = True
     # In a pruned layer (at least SPARSE_FRACTION of its weights exactly zero, e.g. 2:4 SparseGPT)
     # the zeros stay exactly zero: error feedback would otherwise re-fill them and break the
@@ -235,15 +240,35 @@ def _sequential_in_one_forward(layer: nn.Module, groups, config: GPTQConfig, for
     return outputs
 
 
+def _sequential_in_batches(layer: nn.Module, groups, config: GPTQConfig, forward) -> None:
+    """One batched forward per group: group k's Hessian comes from a forward in which the groups
+    before it already compute with their dequantized weights. Activation memory is that of one
+    calibration batch; the driver then re-runs the quantized layer."""
+    replaced: dict[str, nn.Module] = {}
+    for names in groups:
+        stats = InputStats()
+        collect_linear_inputs({names[0]: layer.get_submodule(names[0])}, forward,
+                              lambda _name, x: stats.add(x))
+        for name, qlinear in quantize_group(layer, names, stats.hessian(), config).items():
+            linear = layer.get_submodule(name)
+            linear.weight.data.copy_(qlinear.dequantize(linear.weight.dtype))
+            replaced[name] = qlinear
+    for name, qlinear in replaced.items():
+        set_submodule(layer, name, qlinear)
+
+
 @register_pass("gptq", GPTQConfig, needs_calibration=True)
 def gptq(model: nn.Module, config: GPTQConfig, calib: CalibrationData) -> nn.Module:
     check_widths(model, config.group_size)
     groups = input_groups(adapter_for(model))
     samples = calib.samples
+    one_forward = config.true_sequential and samples.numel() <= ONE_FORWARD_MAX_TOKENS
 
     def compress_layer(_index, layer, forward):
-        if config.true_sequential:
+        if one_forward:
             return _sequential_in_one_forward(layer, groups, config, forward)
+        if config.true_sequential:
+            return _sequential_in_batches(layer, groups, config, forward)
         stats = {names[0]: InputStats() for names in groups}
         collect_linear_inputs({names[0]: layer.get_submodule(names[0]) for names in groups},
                               forward, lambda name, x: stats[name].add(x))
@@ -253,6 +278,6 @@ def gptq(model: nn.Module, config: GPTQConfig, calib: CalibrationData) -> nn.Mod
                 set_submodule(layer, name, qlinear)
         return None
 
-    batch = len(samples) if config.true_sequential else calib.batch_size
+    batch = len(samples) if one_forward else calib.batch_size
     run_layerwise(model, samples, compress_layer, calib.device, batch, desc="gptq")
     return model
