@@ -10,6 +10,7 @@ from torch import nn
 
 from compress.adapters import adapter_for, decoder_linears
 from compress.errors import UserError
+from compress.prune.semi_structured import is_2of4_model, materialize_2of4
 from evaluate.engine import Engine, random_tokens
 from evaluate.memory import parameter_count, weight_bytes
 from evaluate.timing import PeakMemory, ceilings, is_cuda, synchronize, time_it
@@ -28,6 +29,9 @@ class BenchConfig:
     repeats: int = 5
     seed: int = 0
     peers: tuple[str, ...] = ()
+    # On CUDA, swap the weights of a 2:4-pruned model for torch's semi-structured sparse tensors
+    # (cuSPARSELt / CUTLASS) before timing; dense models are left as they are.
+    semi_structured: bool = False
     copy_bytes: int | None = None   # default: 2 GiB on CUDA, 64 MiB on CPU
     matmul_n: int | None = None     # default: 8192 on CUDA, 1024 on CPU
     extra: dict = field(default_factory=dict)
@@ -51,7 +55,7 @@ class BenchConfig:
                 "repeats": self.repeats, "statistic": "median", "decode": "greedy, no early stop, "
                 "token loop included, first token from the prefill not counted",
                 "inputs": "random token ids in [1, vocab)", "compile": self.compile,
-                "device": str(device)}
+                "semi_structured": self.semi_structured, "device": str(device)}
 
 
 def measure_ceilings(cfg: BenchConfig, device, dtype: torch.dtype) -> dict:
@@ -63,12 +67,15 @@ def measure_ceilings(cfg: BenchConfig, device, dtype: torch.dtype) -> dict:
 
 def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
     """One row: our engine on `model` (already on `device`, eval mode)."""
+    semi = cfg.semi_structured and is_cuda(device) and is_2of4_model(model)
+    converted = materialize_2of4(model) if semi else []
     engine = Engine(model)
     vocab = model.config.vocab_size
     weights = weight_bytes(model)
     row = {"name": name, "runner": "compress engine (static cache, own token loop)",
            "compiled": cfg.compile, "parameters": parameter_count(model),
-           "weight_bytes": weights, "prefill": [], "decode": []}
+           "weight_bytes": weights, "semi_structured_linears": len(converted),
+           "prefill": [], "decode": []}
     matmul = ceil["matmul"]["flop_per_s"]
     for batch, length in cfg.prefill:
         engine.allocate(batch, length + 1)

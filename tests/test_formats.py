@@ -70,6 +70,25 @@ def test_cpu_kernels_are_used_only_where_they_win(bits, group_size):
     assert q.kernel == "reference"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group_size,kernel", [(8, 0, "torch._weight_int8pack_mm"),
+                                                    (4, 64, "torch._weight_int4pack_mm"),
+                                                    (4, 128, "torch._weight_int4pack_mm")])
+@pytest.mark.parametrize("out_features,in_features", [(1536, 576), (4096, 4096), (96, 1024)])
+def test_cuda_kernels_serve_decode_and_agree_with_the_reference(bits, group_size, kernel,
+                                                                 out_features, in_features):
+    if in_features % group_size:
+        pytest.skip("group size must divide the width")
+    q = quantized_linear(_linear(out_features, in_features), bits, group_size, True)
+    q = q.to("cuda", torch.bfloat16)
+    for rows in (1, 8, 64, 300):
+        x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+        fast = q(x).float()
+        assert q.kernel == (kernel if rows <= 64 else "reference")   # prefill: dequant + GEMM
+        ref = q.reference_forward(x).float()
+        assert (fast - ref).norm() / ref.norm() < 1e-2
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_storage_is_really_smaller(bits):
     layer = _linear(out_features=256, in_features=512)

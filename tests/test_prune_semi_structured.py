@@ -2,12 +2,15 @@
 (on CUDA) the sparse kernels give the dense product."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from compress.errors import UserError
 from compress.prune import masks
-from compress.prune.semi_structured import check_2of4, materialize_2of4, to_semi_structured
+from compress.prune.semi_structured import (check_2of4, is_2of4_model, materialize_2of4,
+                                            to_semi_structured)
 
 
 def _pruned_2of4(rows=128, cols=256, dtype=torch.float16, device="cpu"):
@@ -33,6 +36,36 @@ def test_materialize_checks_every_layer_before_converting_any(tiny_model):
     with pytest.raises(UserError, match="model.layers.0.self_attn.q_proj is not 2:4 sparse"):
         materialize_2of4(tiny_model)
     assert all(type(p) is torch.nn.Parameter for p in tiny_model.parameters())
+
+
+def test_only_models_whose_every_linear_is_2of4_count_as_2of4(tiny_model, tokens):
+    from compress.calibration import CalibrationData
+    from compress.passes import build_config, pass_table
+
+    assert not is_2of4_model(tiny_model)
+    spec = pass_table()["magnitude"]
+    unstructured = spec.apply(copy.deepcopy(tiny_model), build_config(spec, {"sparsity": 0.5}),
+                              CalibrationData(tokens))
+    assert not is_2of4_model(unstructured)      # 50% zeros, but not 2 in every 4
+    pruned = spec.apply(tiny_model, build_config(spec, {"pattern": "2:4"}), CalibrationData(tokens))
+    assert is_2of4_model(pruned)
+
+
+@pytest.mark.gpu
+def test_bench_times_a_2of4_model_with_semi_structured_kernels(tokens):
+    from compress.calibration import CalibrationData
+    from compress.passes import build_config, pass_table
+    from compress.sources import load_random
+    from evaluate.bench import BenchConfig, bench_engine, measure_ceilings
+
+    spec = pass_table()["magnitude"]
+    model = spec.apply(load_random("smollm2-135m", torch.bfloat16, device="cuda").model,
+                       build_config(spec, {"pattern": "2:4"}), CalibrationData(tokens))
+    cfg = BenchConfig(batches=(1,), prompt=16, new=4, prefill=((1, 64),), warmup=0, repeats=1,
+                      semi_structured=True)
+    row = bench_engine(model, cfg, "cuda", "2:4", measure_ceilings(cfg, "cuda", torch.bfloat16))
+    assert row["semi_structured_linears"] == 7 * 30
+    assert "tensor subclass" in row["kernels"]["mlp.down_proj"]
 
 
 @pytest.mark.gpu

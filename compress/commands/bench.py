@@ -27,6 +27,9 @@ def add_parser(subparsers) -> None:
                    help="prefill shapes BATCHxTOKENS (default 1x2048,8x512)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on CUDA); compile time reported apart")
+    p.add_argument("--semi-structured", action="store_true",
+                   help="on CUDA, run a 2:4-pruned model's linears as semi-structured sparse "
+                        "tensors (cuSPARSELt/CUTLASS); dense models are unchanged")
     p.add_argument("--peers", default="hf",
                    help=f"comma list of peers or 'none' (default hf); allowed: {', '.join(PEERS)}")
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs (default 2)")
@@ -70,7 +73,8 @@ def run(args) -> int:
     dtype = resolve_dtype(args)
     cfg = BenchConfig(batches=parse_ints(args.batch, "--batch"), prompt=args.prompt, new=args.new,
                       prefill=parse_shapes(args.prefill), compile=args.compile,
-                      warmup=args.warmup, repeats=args.repeats, peers=parse_peers(args.peers))
+                      warmup=args.warmup, repeats=args.repeats, peers=parse_peers(args.peers),
+                      semi_structured=args.semi_structured)
     if args.out:
         check_output(args.out, args.overwrite)  # fail before minutes of measuring
     doc = run_bench(args.model, cfg, args.device, dtype, progress=lambda m: print(m, flush=True))

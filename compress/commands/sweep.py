@@ -57,6 +57,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--bench-warmup", type=int, default=2, help="warm-up runs (2)")
     b.add_argument("--bench-repeats", type=int, default=5, help="timed runs, median kept (5)")
     b.add_argument("--compile", action="store_true", help="compile the decode step")
+    b.add_argument("--bench-semi-structured", action="store_true",
+                   help="on CUDA, time 2:4-pruned recipes with semi-structured sparse weights")
     p.set_defaults(run=run)
 
 
@@ -68,7 +70,8 @@ def bench_config(args):
     return BenchConfig(batches=parse_ints(args.bench_batch, "--bench-batch"),
                        prompt=args.bench_prompt, new=args.bench_new,
                        prefill=parse_shapes(args.bench_prefill), compile=args.compile,
-                       warmup=args.bench_warmup, repeats=args.bench_repeats)
+                       warmup=args.bench_warmup, repeats=args.bench_repeats,
+                       semi_structured=args.bench_semi_structured)
 
 
 def load_recipes(args) -> list:

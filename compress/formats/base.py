@@ -10,11 +10,20 @@ from torch import nn
 # slower at 1024 rows, and slower at 1 row too (torch 2.13, SmolLM2 shapes, 2-core machine).
 CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 CPU_KERNEL_MAX_ROWS = 64
+# Above this many rows (tokens) the CUDA weight-only kernels (tinygemm int4, int8pack) lose to
+# dequantize + cuBLAS: issue 5 measured int4 tinygemm prefill many times slower than bf16 and
+# int8pack slower than bf16 at every size. A GPU session tunes this per kernel and shape.
+CUDA_KERNEL_MAX_ROWS = 64
 
 
 def cpu_kernel_wins(x: torch.Tensor) -> bool:
     """Whether a CPU weight-only kernel is worth running on activations `x`."""
     return x.dtype in CPU_KERNEL_DTYPES and x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS
+
+
+def cuda_kernel_fits(x: torch.Tensor) -> bool:
+    """Whether activations `x` are on CUDA and few enough rows for a weight-only kernel."""
+    return x.is_cuda and x.numel() // x.shape[-1] <= CUDA_KERNEL_MAX_ROWS
 
 
 class QuantizedLinear(nn.Module):

@@ -20,12 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.formats.base import CPU_KERNEL_DTYPES, CPU_KERNEL_MAX_ROWS
+from compress.formats.base import CPU_KERNEL_DTYPES, CPU_KERNEL_MAX_ROWS, CUDA_KERNEL_MAX_ROWS
 
 GROUPS = (32, 64, 128, 256)
-# Above this many rows (tokens) tinygemm loses to dequantize + cuBLAS on CUDA: the measurements
-# of issue 5 found int4 tinygemm prefill many times slower than bf16. A GPU session tunes it.
-CUDA_MAX_ROWS = 64
 
 
 @dataclass
@@ -100,7 +97,7 @@ def build(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group_size: 
         high_first = (q[:, 0::2] << 4) | q[:, 1::2]
         tiles = _inner_k_tiles(in_features)
         packed = torch._convert_weight_to_int4pack(high_first.contiguous(), tiles)
-        kernel, max_rows = "torch._weight_int4pack_mm", CUDA_MAX_ROWS
+        kernel, max_rows = "torch._weight_int4pack_mm", CUDA_KERNEL_MAX_ROWS
     else:
         packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         kernel, max_rows = "torch._weight_int4pack_mm_for_cpu", CPU_KERNEL_MAX_ROWS

@@ -2,15 +2,15 @@
 
 Storage: `qweight` int8 [out, in] holding (q - 128); `scales` [out, groups] in the model dtype;
 `zeros` [out, groups] (asymmetric only) holding (zero - 128). Symmetric per-channel layers run
-`torch._weight_int8pack_mm` on CUDA, and on the CPU where it wins (see `cpu_kernel_wins`); the
-rest run the reference (dequantize, matmul).
+`torch._weight_int8pack_mm` for decode-sized inputs on CUDA (`cuda_kernel_fits`) and on the CPU
+where it wins (`cpu_kernel_wins`); the rest run the reference (dequantize, matmul).
 """
 from __future__ import annotations
 
 import torch
 
 from compress.formats import grid
-from compress.formats.base import QuantizedLinear, cpu_kernel_wins
+from compress.formats.base import QuantizedLinear, cpu_kernel_wins, cuda_kernel_fits
 
 OFFSET = 128
 
@@ -52,7 +52,7 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.symmetric and self.group_size == 0 and x.dtype == self.scales.dtype and \
-                (x.is_cuda or cpu_kernel_wins(x)):
+                (cuda_kernel_fits(x) or cpu_kernel_wins(x)):
             self.kernel = "torch._weight_int8pack_mm"
             flat = x.reshape(-1, self.in_features)
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scales[:, 0])

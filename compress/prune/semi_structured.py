@@ -2,7 +2,8 @@
 
 Choosing the mask is compress.prune.masks / sparsegpt; this only converts weights that already
 have the 2:4 pattern (saved checkpoints keep dense zeros, which load anywhere). The fast-inference
-engine calls `materialize_2of4(model)` after loading a 2:4 checkpoint on CUDA.
+benchmark calls `materialize_2of4(model)` on CUDA when asked (`compress bench --semi-structured`,
+`compress sweep --bench-semi-structured`) and the model is 2:4 (`is_2of4_model`).
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def to_semi_structured(weight: torch.Tensor, name: str = "weight"):
     except RuntimeError as exc:   # shape limits of the kernels (minimum rows/columns)
         raise UserError(f"{name} of shape {tuple(weight.shape)} cannot be semi-structured: "
                         f"{str(exc).splitlines()[0]}") from exc
+
+
+def is_2of4_model(model: nn.Module) -> bool:
+    """Whether every float nn.Linear of the decoder layers has the 2:4 pattern (and one exists)."""
+    linears = [m for _, m in decoder_linears(model) if isinstance(m, nn.Linear)]
+    return bool(linears) and all(is_nm(m.weight != 0, 2, 4, exact=False) for m in linears)
 
 
 def materialize_2of4(model: nn.Module) -> list[str]:

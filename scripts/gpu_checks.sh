@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU measurements the open issues still need, prepared for a session that has a device
+# (an H100 through the `device` tool). One stage per call, each well inside 10 minutes:
+#
+#   bash scripts/gpu_checks.sh kernels    # GPU-marked tests: every fast kernel against its reference
+#   bash scripts/gpu_checks.sh bench      # bf16 engine vs HF generate, bnb and torchao peers (issue 3)
+#   bash scripts/gpu_checks.sh sweep      # int8 / int4 / W8A8 / FP8 / 2:4 / structured vs bf16, with
+#                                         # speed-up verdicts (issues 5, 6, 7)
+#   bash scripts/gpu_checks.sh gptq       # GPTQ of the 8B shape, layers offloaded to the CPU (issue 4)
+#
+# Figures land in $OUT (default: $OUT of the device tool, else reports/gpu-<shape>); copy them
+# into reports/ with the GPU name. Dry run of every command on a CPU at toy sizes:
+#   MODEL=random:smollm2-135m DEVICE=cpu OUT=/tmp/gpu-dry SMALL=1 bash scripts/gpu_checks.sh all
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:-all}
+MODEL=${MODEL:-random:llama3-8b}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-reports/gpu-${MODEL#random:}}
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
+compress() { PYTHONUNBUFFERED=1 "$PY" -m compress.cli "$@"; }
+mkdir -p "$OUT"
+if [ -n "${SMALL:-}" ]; then   # the dry run: toy shapes, one repeat, no peers that need CUDA
+    SHAPES=(--batch 1,2 --prompt 16 --new 4 --prefill 1x32 --warmup 0 --repeats 1)
+    SWEEP_SHAPES=(--bench-batch 1 --bench-prompt 16 --bench-new 4 --bench-prefill 1x32
+                  --bench-warmup 0 --bench-repeats 1 --windows 1 --seq-len 64)
+    PEERS=hf; CALIB=(--calib-samples 4 --calib-seq-len 64); COMPILE=()
+else                           # PROTOCOL.md 'Speed'
+    SHAPES=(); SWEEP_SHAPES=(--windows 4); PEERS=hf,hf-eager,bnb-int8,bnb-nf4,torchao-int4,torchao-int8
+    CALIB=(--calib-samples 128 --calib-seq-len 2048); COMPILE=(--compile)
+fi
+run_stage() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
+
+if run_stage kernels; then
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/kernels.log"
+fi
+if run_stage bench; then
+    # Twice: the speed protocol asks two runs of one command to agree within 5%.
+    for run in 1 2; do
+        compress bench "$MODEL" --device "$DEVICE" --peers "$PEERS" "${COMPILE[@]}" \
+            "${SHAPES[@]}" --out "$OUT/bench-bf16-run$run" --overwrite
+    done
+fi
+if run_stage sweep; then
+    compress sweep recipes/int8-channel.yaml recipes/int4-g64-sym.yaml \
+        recipes/smoothquant-w8a8.yaml recipes/fp8-w8a8.yaml recipes/sparsegpt-2of4.yaml \
+        recipes/mlp25.yaml recipes/layers-drop4.yaml --model "$MODEL" --device "$DEVICE" \
+        --corpus random --bench "${COMPILE[@]}" "${SWEEP_SHAPES[@]}" --out "$OUT/sweep" \
+        --overwrite --title "$MODEL on $DEVICE: speed of each recipe against bf16 (random weights)"
+fi
+if run_stage gptq; then
+    # The model waits on the CPU; each layer is calibrated on the GPU (peak GPU memory printed).
+    compress quantize "$MODEL" --method gptq --bits 4 --group-size 128 --symmetric \
+        --device cpu --dtype bfloat16 --calib-device "$DEVICE" --corpus random "${CALIB[@]}" \
+        --out "$OUT/gptq-checkpoint" --overwrite 2>&1 | tee "$OUT/gptq.log"
+    rm -rf "$OUT/gptq-checkpoint"   # 5 GB of random int4 weights: the log is the figure
+fi
