@@ -21,8 +21,8 @@ from compress.sources import Loaded, check_device, load_model
 from evaluate.divergence import Reference, evaluate_windows
 from evaluate.memory import parameter_count, weight_bytes
 from evaluate.perplexity import perplexity
-from evaluate.timing import PeakMemory
 from evaluate.results import build_results, write_json
+from evaluate.timing import PeakMemory
 
 
 @dataclass

@@ -46,7 +46,8 @@ if run_stage sweep; then
     compress sweep recipes/int8-channel.yaml recipes/int4-g64-sym.yaml \
         recipes/smoothquant-w8a8.yaml recipes/fp8-w8a8.yaml recipes/sparsegpt-2of4.yaml \
         recipes/mlp25.yaml recipes/layers-drop4.yaml --model "$MODEL" --device "$DEVICE" \
-        --corpus random --bench "${COMPILE[@]}" "${SWEEP_SHAPES[@]}" --out "$OUT/sweep" \
+        --corpus random --bench --bench-semi-structured "${COMPILE[@]}" "${SWEEP_SHAPES[@]}" \
+        --out "$OUT/sweep" \
         --overwrite --title "$MODEL on $DEVICE: speed of each recipe against bf16 (random weights)"
 fi
 if run_stage gptq; then

@@ -53,10 +53,9 @@ def int_mm_ok(device: torch.device, m: int, k: int, n: int) -> bool:
 
     CUDA (cuBLAS int8 GEMM) needs k, n multiples of 8 and m > 16; smaller m (decode) is padded
     with zero rows by `int_mm_padded`, which still reads int8 weights instead of a float32
-    dequantized copy. On CPU `_int_mm` is exact for
-    every shape, but without AVX-512 (VNNI) it is a scalar loop, tens of times slower than a
-    float matmul (measured: 3.3 s vs 0.06 s for 2048x576x1536 on an AVX2 EPYC), so the float
-    reference is the faster path there.
+    dequantized copy. On CPU `_int_mm` is exact for every shape, but without AVX-512 (VNNI) it
+    is a scalar loop, tens of times slower than a float matmul (measured: 3.3 s vs 0.06 s for
+    2048x576x1536 on an AVX2 EPYC), so the float reference is the faster path there.
     """
     if device.type == "cuda":
         return k % 8 == 0 and n % 8 == 0
