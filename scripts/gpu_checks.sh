@@ -25,10 +25,10 @@ if [ -n "${SMALL:-}" ]; then   # the dry run: toy shapes, one repeat, no peers t
     SHAPES=(--batch 1,2 --prompt 16 --new 4 --prefill 1x32 --warmup 0 --repeats 1)
     SWEEP_SHAPES=(--bench-batch 1 --bench-prompt 16 --bench-new 4 --bench-prefill 1x32
                   --bench-warmup 0 --bench-repeats 1 --windows 1 --seq-len 64)
-    PEERS=hf; CALIB=(--calib-samples 4 --calib-seq-len 64); COMPILE=()
+    PEERS=hf; CALIB=(--calib-samples 4 --calib-seq-len 64); COMPILE=(); GROUP=64
 else                           # PROTOCOL.md 'Speed'
     SHAPES=(); SWEEP_SHAPES=(--windows 4); PEERS=hf,hf-eager,bnb-int8,bnb-nf4,torchao-int4,torchao-int8
-    CALIB=(--calib-samples 128 --calib-seq-len 2048); COMPILE=(--compile)
+    CALIB=(--calib-samples 128 --calib-seq-len 2048); COMPILE=(--compile); GROUP=128
 fi
 run_stage() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
 
@@ -52,7 +52,7 @@ if run_stage sweep; then
 fi
 if run_stage gptq; then
     # The model waits on the CPU; each layer is calibrated on the GPU (peak GPU memory printed).
-    compress quantize "$MODEL" --method gptq --bits 4 --group-size 128 --symmetric \
+    compress quantize "$MODEL" --method gptq --bits 4 --group-size "$GROUP" --symmetric \
         --device cpu --dtype bfloat16 --calib-device "$DEVICE" --corpus random "${CALIB[@]}" \
         --out "$OUT/gptq-checkpoint" --overwrite 2>&1 | tee "$OUT/gptq.log"
     rm -rf "$OUT/gptq-checkpoint"   # 5 GB of random int4 weights: the log is the figure
