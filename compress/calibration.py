@@ -4,8 +4,9 @@ SparseGPT).
 It catches the inputs of decoder layer 0 once, then for each layer: moves it to the compute
 device, lets the pass calibrate and compress it (the pass registers its own hooks and calls
 `forward()` to stream the calibration samples through the layer), and re-runs the compressed
-layer so the next layer sees compressed outputs. Layers wait on the offload device (CPU), so
-peak accelerator memory is about one layer plus the activations.
+layer so the next layer sees compressed outputs. Layers, and the hidden states between them,
+wait on the model's device (the CPU when compressing a model larger than the GPU), so peak
+accelerator memory is about one layer plus one calibration batch's activations.
 """
 from __future__ import annotations
 
@@ -39,14 +40,16 @@ class _CaughtInputs(Exception):
 
 
 def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.device,
-                         batch_size: int) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states entering decoder layer 0 (one tensor per batch) and the layer's kwargs."""
+                         batch_size: int, park: torch.device | None = None
+                         ) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering decoder layer 0 (one tensor per batch, kept on `park`, default
+    `device`) and the layer's kwargs."""
     adapter = adapter_for(model)
     first = adapter.layers(model)[0]
     inputs, kwargs_seen = [], {}
 
     def catch(_module, args, kwargs):
-        inputs.append(args[0] if args else kwargs.pop("hidden_states"))
+        inputs.append((args[0] if args else kwargs.pop("hidden_states")).to(park or device))
         kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _CaughtInputs
 
@@ -73,13 +76,16 @@ def run_layerwise(model: nn.Module, samples: torch.Tensor, compress_layer: Layer
     """Compress every decoder layer in order; returns the final hidden states (per batch)."""
     device = torch.device(device or next(model.parameters()).device)
     offload = next(model.parameters()).device
-    hidden, kwargs = capture_layer_inputs(model, samples, device, batch_size)
+    # When the model waits on another device (a model larger than the GPU), the hidden states
+    # between layers wait there too and visit the compute device one calibration batch at a
+    # time: for Llama-3-8B on 128 x 2048 tokens they are 2.1 GB in bf16, each way.
+    hidden, kwargs = capture_layer_inputs(model, samples, device, batch_size, park=offload)
     layers = adapter_for(model).layers(model)
     for index in tqdm(range(len(layers)), desc=desc, leave=False):
         layer = layers[index].to(device)
 
         def forward(layer=layer):
-            return [_first(layer(h, **kwargs)) for h in hidden]
+            return [_first(layer(h.to(device), **kwargs)).to(offload) for h in hidden]
 
         outputs = compress_layer(index, layer, forward)
         hidden = outputs if outputs is not None else forward()

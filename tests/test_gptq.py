@@ -15,7 +15,7 @@ from compress.formats.int4 import Int4Linear
 from compress.formats.int8 import Int8Linear
 from compress.pipeline import Session, compress_model
 from compress.prune.masks import is_nm, magnitude_scores, nm_mask
-from compress.quant.gptq import GPTQConfig, gptq_quantize, quantize_group
+from compress.quant.gptq import GPTQConfig, gptq, gptq_quantize, quantize_group
 from compress.quant.stats import InputStats, gram
 from compress.recipe import apply_recipe, recipe_from_dict
 from compress.sources import load_model
@@ -189,6 +189,20 @@ def test_batched_true_sequential_equals_the_one_forward_path(tiny_model, tokens,
         differ = (wa != wb).float().mean().item()
         assert differ < 0.01                      # a rounding tie flips now and then, no more
         assert (wa - wb).abs().max() <= 1.01 * a.scales.max()   # and by one grid step at most
+
+
+@pytest.mark.gpu
+def test_layers_offloaded_to_the_cpu_calibrate_on_the_gpu(tiny_model, tokens):
+    """The model (and the hidden states between layers) stay on the CPU; each layer visits the
+    GPU. The result matches a CPU calibration up to float rounding and lives on the CPU."""
+    config = GPTQConfig(bits=4, group_size=32, symmetric=True)
+    cpu = gptq(copy.deepcopy(tiny_model), config, CalibrationData(tokens, batch_size=2))
+    offloaded = gptq(copy.deepcopy(tiny_model), config,
+                     CalibrationData(tokens, batch_size=2, device="cuda"))
+    assert all(t.device.type == "cpu" for t in offloaded.state_dict().values())
+    pairs = [(a, b) for a, b in zip(cpu.modules(), offloaded.modules()) if isinstance(a, Int4Linear)]
+    for a, b in pairs:
+        assert (a.dequantize() != b.dequantize()).float().mean() < 0.02
 
 
 def test_cli_gptq_saves_and_reloads_bit_identical(tmp_path, tokens):
