@@ -106,8 +106,12 @@ def compress_model(session: Session, recipe: Recipe):
 
 
 def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite: bool,
-               do_eval: bool) -> dict | None:
-    """Compress, then save to `out_dir` (with results.json when evaluated); returns the results."""
+               do_eval: bool, measure=None, extra_json: dict | None = None) -> dict | None:
+    """Compress, then save to `out_dir` (with results.json when evaluated); returns the results.
+
+    measure(results, model, name) -> results adds figures (speed) to the evaluated model's
+    results; extra_json {file name: dict} is written into the same folder, atomically with it.
+    """
     resolved = recipe.resolved()
 
     def produce():
@@ -117,9 +121,10 @@ def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite:
               (f"; peak GPU memory {peak / 2**30:.2f} GiB" if peak is not None else ""))
         if not do_eval:
             return model, None
-        return model, evaluate(session, model, recipe.evaluation, resolved, desc=recipe.name,
-                               extra_metrics={"compress_seconds": seconds,
-                                              **(getattr(model, "compress_report", None) or {})})
+        results = evaluate(session, model, recipe.evaluation, resolved, desc=recipe.name,
+                           extra_metrics={"compress_seconds": seconds,
+                                          **(getattr(model, "compress_report", None) or {})})
+        return model, (results if measure is None else measure(results, model, recipe.name))
 
     if out_dir is None:
         return produce()[1]
@@ -128,6 +133,8 @@ def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite:
         write_checkpoint(model, session.loaded.tokenizer, tmp, resolved, session.loaded.provenance)
         if results is not None:
             write_json(results, os.path.join(tmp, "results.json"))
+        for name, doc in (extra_json or {}).items():
+            write_json(doc, os.path.join(tmp, name))
     return results
 
 

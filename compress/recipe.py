@@ -49,6 +49,20 @@ class EvaluationSettings:
 
 
 @dataclass
+class BenchSettings:
+    """Speed before and after, measured by `compress run` (PROTOCOL.md 'Speed'), written as the
+    same `compress bench` flags: batches "1,8,32", prefill "1x2048,8x512"."""
+    batches: str = "1,8,32"
+    prompt: int = 512
+    new: int = 128
+    prefill: str = "1x2048,8x512"
+    warmup: int = 2
+    repeats: int = 5
+    compile: bool = False
+    semi_structured: bool = False
+
+
+@dataclass
 class Recipe:
     name: str
     passes: list = field(default_factory=list)       # (pass name, config) pairs
@@ -56,6 +70,7 @@ class Recipe:
     corpus: str = "pydoc"
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    bench: BenchSettings | None = None                # None: no speed measurement
 
     def needs_calibration(self) -> bool:
         table = pass_table()
@@ -69,15 +84,20 @@ class Recipe:
                "evaluation": dataclasses.asdict(self.evaluation),
                "passes": [config_to_dict(name, cfg) for name, cfg in self.passes],
                "compress_version": compress.__version__}
+        if self.bench is not None:
+            out["bench"] = dataclasses.asdict(self.bench)
         out["hash"] = recipe_hash(out)
         return out
 
 
-TOP_LEVEL = {"name", "description", "model", "corpus", "calibration", "evaluation", "passes"}
+TOP_LEVEL = {"name", "description", "model", "corpus", "calibration", "evaluation", "bench",
+             "passes"}
 
 
 def recipe_hash(resolved: dict) -> str:
-    body = {k: v for k, v in resolved.items() if k not in ("hash", "compress_version", "name")}
+    # How a model is measured (bench) is not what it is.
+    body = {k: v for k, v in resolved.items()
+            if k not in ("hash", "compress_version", "name", "bench")}
     if "calibration" in body:      # where a layer is calibrated does not change what comes out
         body["calibration"] = {k: v for k, v in body["calibration"].items() if k != "device"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
@@ -111,6 +131,8 @@ def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
         corpus=str(data.get("corpus", "pydoc")),
         calibration=_section(CalibrationSettings, data.get("calibration"), f"{where}: calibration"),
         evaluation=_section(EvaluationSettings, data.get("evaluation"), f"{where}: evaluation"),
+        bench=(None if data.get("bench") is None else
+               _section(BenchSettings, data["bench"], f"{where}: bench")),
     )
 
 

@@ -131,3 +131,39 @@ def test_recipe_asking_for_a_gpu_calibration_fails_cleanly_without_cuda(tmp_path
     err = capsys.readouterr().err.strip()
     assert "calibration device 'cuda' asked but CUDA is not available" in err and "\n" not in err
     assert os.listdir(tmp_path) == ["gptq.yaml"]
+
+
+def test_a_recipe_asks_for_a_benchmark_before_and_after(tmp_path, capsys):
+    recipe = tmp_path / "int8.yaml"
+    bench = {"batches": "1", "prompt": 8, "new": 4, "prefill": "1x16", "warmup": 0, "repeats": 1}
+    recipe.write_text(yaml.safe_dump({"name": "int8", "bench": bench,
+                                      "passes": [{"pass": "rtn", "bits": 8}]}))
+    out = tmp_path / "r"
+    assert main(["run", str(recipe), "--model", "random:tiny", "--out", str(out), *EVAL]) == 0
+    before = json.loads((out / "baseline.json").read_text())
+    after = json.loads((out / "results.json").read_text())
+    for doc in (before, after):
+        speed = doc["metrics"]["speed"]
+        assert speed["decode"][0]["batch"] == 1 and speed["decode"][0]["ms_per_token"] > 0
+        assert speed["prefill"][0]["tokens"] == 16
+        assert doc["protocol"]["speed"]["prompt"] == 8
+    assert after["recipe"]["bench"]["prefill"] == "1x16"
+    assert after["metrics"]["weight_bytes"]["linear"] < before["metrics"]["weight_bytes"]["linear"]
+    assert "speed-up verdict" in capsys.readouterr().out
+    # How a model is timed is not what it is: the bench section leaves the recipe hash alone.
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"name": "int8", "passes": [{"pass": "rtn", "bits": 8}]}))
+    from compress.recipe import load_recipe
+    same = load_recipe(str(plain))
+    same.model, same.evaluation.windows, same.evaluation.seq_len = "random:tiny", 2, 64
+    assert same.resolved()["hash"] == after["recipe"]["hash"]
+
+
+def test_a_benchmark_without_evaluation_is_refused(tmp_path, capsys):
+    recipe = tmp_path / "int8.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "int8", "bench": {"batches": "1"},
+                                      "passes": [{"pass": "rtn", "bits": 8}]}))
+    assert main(["run", str(recipe), "--model", "random:tiny", "--out", str(tmp_path / "r"),
+                 "--no-eval"]) == 2
+    assert "drop --no-eval" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

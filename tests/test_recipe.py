@@ -27,7 +27,7 @@ def test_group_size_default_depends_on_bits():
 
 
 @pytest.mark.parametrize("data,message", [
-    (_recipe(extra=1), r"unknown key\(s\) extra; allowed: calibration, corpus"),
+    (_recipe(extra=1), r"unknown key\(s\) extra; allowed: bench, calibration, corpus"),
     (_recipe(passes=[{"pass": "nope"}]), r"unknown pass 'nope'; allowed: .*rtn"),
     (_recipe(passes=[{"pass": "rtn", "bitz": 4}]), r"unknown field\(s\) bitz .*allowed: bits"),
     (_recipe(passes=[{"pass": "rtn", "bits": 3}]), r"bits must be one of 4, 8"),

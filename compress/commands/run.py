@@ -1,12 +1,17 @@
-"""`compress run RECIPE.yaml [--model M] --out DIR`: apply a recipe's passes, save, evaluate."""
+"""`compress run RECIPE.yaml [--model M] --out DIR`: apply a recipe's passes, save, evaluate, and
+when the recipe has a `bench` section, time the model before and after (OUT/baseline.json)."""
 from __future__ import annotations
 
 from compress.checkpoint import check_output
 from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
 from compress.commands.quantize import print_summary
 from compress.errors import UserError
-from compress.pipeline import Session, run_recipe
+from compress.commands.bench import parse_ints, parse_shapes
+from compress.commands.sweep import Measure
+from compress.pipeline import Session, evaluate, run_recipe
 from compress.recipe import load_recipe
+from compress.reports import markdown_report
+from evaluate.bench import BenchConfig
 
 
 def add_parser(subparsers) -> None:
@@ -31,10 +36,31 @@ def run(args) -> int:
         raise UserError(f"recipe {args.recipe} names no model; pass --model")
     check_output(args.out, args.overwrite)
     apply_eval_options(recipe, args)
+    do_eval = args.eval and recipe.evaluation.enabled
+    if recipe.bench is not None and not do_eval:
+        raise UserError("the recipe asks for a benchmark, which is reported beside the "
+                        "evaluation; drop --no-eval (or the recipe's bench section)")
     session = Session.open(recipe.model, recipe.corpus, args.device, resolve_dtype(args))
-    results = run_recipe(session, recipe, args.out, args.overwrite,
-                         do_eval=args.eval and recipe.evaluation.enabled)
+    measure, extra = None, {}
+    if recipe.bench is not None:
+        # Before: the source model, evaluated and timed in this run; after: the compressed one.
+        measure = Measure(args, session, None, bench_from_settings(recipe.bench)).add
+        source = session.loaded.model
+        extra["baseline.json"] = measure(evaluate(session, source, recipe.evaluation, None,
+                                                  desc="baseline"), source, "baseline")
+    results = run_recipe(session, recipe, args.out, args.overwrite, do_eval, measure, extra)
     print(f"wrote {args.out}")
-    if results:
+    if results and extra:
+        print(markdown_report([extra["baseline.json"], results], title=recipe.name))
+    elif results:
         print_summary(results)
     return 0
+
+
+def bench_from_settings(settings) -> BenchConfig:
+    """The recipe's bench section as the BenchConfig `compress bench` builds from its flags."""
+    return BenchConfig(batches=parse_ints(settings.batches, "bench.batches"),
+                       prompt=settings.prompt, new=settings.new,
+                       prefill=parse_shapes(settings.prefill), compile=settings.compile,
+                       warmup=settings.warmup, repeats=settings.repeats,
+                       semi_structured=settings.semi_structured)
