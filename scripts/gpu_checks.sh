@@ -9,7 +9,9 @@
 #   bash scripts/gpu_checks.sh gptq       # GPTQ of the 8B shape, layers offloaded to the CPU (issue 4)
 #
 # Figures land in $OUT (default: $OUT of the device tool, else reports/gpu-<shape>); copy them
-# into reports/ with the GPU name. Dry run of every command on a CPU at toy sizes:
+# into reports/ with the GPU name. The device image has torch, transformers, pandas, pyyaml,
+# matplotlib and pytest; the bnb-* and torchao-* peers need bitsandbytes / torchao carried as
+# wheels (../.library/device/README.md shows how), else they are skipped with a reason. Dry run of every command on a CPU at toy sizes:
 #   MODEL=random:smollm2-135m DEVICE=cpu OUT=/tmp/gpu-dry SMALL=1 bash scripts/gpu_checks.sh all
 set -euo pipefail
 cd "$(dirname "$0")/.."
