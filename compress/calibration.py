@@ -123,3 +123,19 @@ def _pre_layer_modules_on(model: nn.Module, device: torch.device):
     finally:
         for module, home in zip(moved, homes):
             module.to(home)
+
+
+@contextmanager
+def one_cpu_thread(device: torch.device):
+    """For the column loops of GPTQ and SparseGPT: thousands of tiny ops, and on CPU every op
+    waits for all OpenMP threads, which on a shared machine costs milliseconds each; one thread
+    is 10-30x faster there (the per-block matmuls are too small to win back the switches)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

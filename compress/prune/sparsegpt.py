@@ -10,10 +10,9 @@ in one call; `row_groups` keeps their unstructured masks chosen per matrix.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
+from compress.calibration import one_cpu_thread
 from compress.errors import UserError
 from compress.prune.masks import check_sparsity, prune_count
 
@@ -61,22 +60,6 @@ def _block_counts(sparsity: float, rows: int, cols: int, blocksize: int) -> list
     return counts
 
 
-@contextmanager
-def _one_thread_on_cpu(device: torch.device):
-    """The column loop is thousands of tiny ops: on CPU every op waits for all OpenMP threads,
-    which on a shared machine costs milliseconds each; one thread is 10-30x faster there (the
-    per-block matmuls are too small to win back what switching thread counts costs)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5,
                     nm: tuple[int, int] | None = None, blocksize: int = 128, damp: float = 0.01,
@@ -106,7 +89,7 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5
     w[:, dead] = 0
     bounds = torch.tensor([0] + row_groups).cumsum(0).tolist()
     counts = [_block_counts(sparsity, g, cols, blocksize) for g in row_groups]
-    with _one_thread_on_cpu(w.device):
+    with one_cpu_thread(w.device):
         keep = _prune_columns(w, hinv, nm, blocksize, bounds, counts)
     w[~keep] = 0
     return w.to(weight.dtype), keep

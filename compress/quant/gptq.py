@@ -8,14 +8,14 @@ Int4Linear / Int8Linear.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from compress.adapters import adapter_for, set_submodule
-from compress.calibration import CalibrationData, collect_linear_inputs, run_layerwise
+from compress.calibration import (CalibrationData, collect_linear_inputs, one_cpu_thread,
+                                  run_layerwise)
 from compress.errors import UserError
 from compress.formats import grid
 from compress.passes import register_pass
@@ -143,7 +143,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         block = wt[i1:i2]                   # a view: updates land in wt
         errors = torch.empty_like(block)
         hblock = hinv[i1:i2, i1:i2]
-        with _one_cpu_thread(w.device):
+        with one_cpu_thread(w.device):
             for i in range(i2 - i1):
                 col = i1 + i
                 g = group_of[col]
@@ -171,21 +171,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes.contiguous(), scale_t.T.contiguous(), zero_t.T.contiguous()
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device):
-    """The column loop is thousands of small ops: on CPU each parallel region waits for every
-    OpenMP thread, which on a busy machine costs ms per op; one thread is ~10x faster there."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def quantize_group(layer: nn.Module, names: tuple[str, ...], h: torch.Tensor,
