@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from compress.commands import add_eval_options, add_model_options
-from compress.commands.quantize import add_calibration_options, add_pass_option, run_single_pass
+from compress.commands.quantize import add_single_pass_options, run_single_pass
 
 # Flags that map one-to-one onto pass config fields (argparse dest == field name).
 PRUNE_FLAGS = ("sparsity", "pattern", "profile", "ratio", "drop")
@@ -26,13 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ratio", type=float, default=None,
                    help="mlp-channels/heads: fraction of channels/heads to remove")
     p.add_argument("--drop", type=int, default=None, help="layers: decoder layers to remove")
-    add_pass_option(p)
-    p.add_argument("--out", required=True, help="output folder for the checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--eval", action="store_true", help="evaluate and write OUT/results.json")
-    add_calibration_options(p)
-    add_eval_options(p)
-    add_model_options(p)
+    add_single_pass_options(p)
     p.set_defaults(run=run)
 
 

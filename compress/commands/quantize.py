@@ -29,6 +29,12 @@ def add_parser(subparsers) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    add_single_pass_options(p)
+    p.set_defaults(run=lambda args: run_single_pass(args, "quantize", PASS_FLAGS))
+
+
+def add_single_pass_options(p) -> None:
+    """What `compress quantize` and `compress prune` share after their method flags."""
     add_pass_option(p)
     p.add_argument("--out", required=True, help="output folder for the checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -36,7 +42,6 @@ def add_parser(subparsers) -> None:
     add_calibration_options(p)
     add_eval_options(p)
     add_model_options(p)
-    p.set_defaults(run=lambda args: run_single_pass(args, "quantize", PASS_FLAGS))
 
 
 def add_pass_option(p) -> None:
