@@ -34,6 +34,20 @@ def test_unstructured_mask_prunes_the_lowest_scores():
         assert scores[r][~keep[r]].max() <= scores[r][keep[r]].min()
 
 
+@pytest.mark.parametrize("sparsity", [0.2, 0.5, 0.7])
+def test_row_mass_mask_prunes_each_rows_lowest_within_the_tolerance(sparsity):
+    scores = _rand(64, 256).abs() * torch.linspace(0.2, 5, 256)   # columns of unequal salience
+    scores[:32] = scores[:32] ** 3                                   # and rows of unequal spread
+    keep = masks.unstructured_mask(scores, sparsity, "row-mass")
+    reached = float((~keep).float().mean())
+    assert abs(reached - sparsity) <= masks.MASS_TOLERANCE
+    per_row = (~keep).sum(1)
+    assert per_row[:32].float().mean() > per_row[32:].float().mean()  # skewed rows prune more
+    for r in range(64):
+        if 0 < per_row[r] < 256:
+            assert scores[r][~keep[r]].max() <= scores[r][keep[r]].min()
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
 def test_nm_mask_every_group_valid(n, m):
     scores = _rand(24, 64).abs()

@@ -14,7 +14,8 @@ from compress.errors import UserError
 
 UNSTRUCTURED = "unstructured"
 PATTERN_HELP = "unstructured or N:M with 0 < N < M (e.g. 2:4, 4:8)"
-SCOPES = ("row", "layer")
+SCOPES = ("row", "layer", "row-mass")
+MASS_TOLERANCE = 1e-3   # row-mass: the matrix's sparsity may differ from the target by this
 PROFILES = ("uniform", "owl")
 
 
@@ -63,10 +64,13 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row")
     scope "row" compares weights within each output row (Wanda's choice: it keeps every output
     neuron alive); the remainder round(s * numel) - rows * floor(...) is spread one per row over
     the first rows so the total is exact. scope "layer" ranks the whole matrix at once.
+    scope "row-mass" is `row_mass_mask` (Wanda's variant): not exact, within MASS_TOLERANCE.
     """
     check_sparsity(sparsity)
     if scope not in SCOPES:
         raise UserError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    if scope == "row-mass":
+        return row_mass_mask(scores, sparsity)
     total = prune_count(scores.numel(), sparsity)
     if scope == "layer":
         flat = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -76,6 +80,34 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row")
     per_row = torch.full((rows,), total // rows, device=scores.device)
     per_row[: total % rows] += 1
     return _row_mask(scores, per_row)
+
+
+def row_mass_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Wanda's variant (the `use_variant` option of the Wanda authors' code): each row prunes its
+    lowest scores while their running sum stays within alpha times the row's total, one alpha
+    per matrix, found by bisection so the matrix's sparsity is within MASS_TOLERANCE of the
+    target (for continuous scores). Rows with many tiny scores thus prune more than rows with few.
+    """
+    check_sparsity(sparsity)
+    cumulative = scores.float().sort(dim=1).values.cumsum(dim=1)
+    budget = cumulative[:, -1:]
+
+    def per_row(alpha: float) -> torch.Tensor:
+        return (cumulative <= alpha * budget).sum(dim=1)
+
+    # The reference's search: start at 0.4 inside [0, 0.8] and halve the bracket until close.
+    # It gives up at a bracket of 1e-3, which on skewed matrices can leave the sparsity percent
+    # points off; a bracket of 1e-7 costs a dozen more sums and reaches the tolerance.
+    low, high, alpha = 0.0, 0.8, 0.4
+    counts = per_row(alpha)
+    while abs(float(counts.sum()) / scores.numel() - sparsity) > MASS_TOLERANCE and \
+            high - low >= 1e-7:
+        if float(counts.sum()) / scores.numel() > sparsity:
+            high, alpha = alpha, (alpha + low) / 2
+        else:
+            low, alpha = alpha, (alpha + high) / 2
+        counts = per_row(alpha)
+    return _row_mask(scores, counts)
 
 
 def _row_mask(scores: torch.Tensor, prune_per_row: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,9 @@ class MagnitudeConfig(SparsityConfig):
 
 @dataclass
 class WandaConfig(MagnitudeConfig):
-    scope: str = "row"              # Wanda compares weights within each output row
+    # Wanda compares weights within each output row; row-mass: the variant of the Wanda code
+    # (per-row counts from a shared share of each row's score mass; sparsity within 0.1%).
+    scope: str = "row"
     # False (the paper's schedule): every linear's statistics come from one pass of the layer
     # before any of it is pruned. True: one forward with all samples in one batch, each group
     # (q/k/v, o, gate/up, down) pruned as the forward reaches it, so o_proj is chosen on the
