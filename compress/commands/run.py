@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from compress.checkpoint import check_output
 from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
-from compress.commands.quantize import print_summary
-from compress.errors import UserError
 from compress.commands.bench import parse_ints, parse_shapes
+from compress.commands.quantize import print_summary
 from compress.commands.sweep import Measure
+from compress.errors import UserError
 from compress.pipeline import Session, evaluate, run_recipe
 from compress.recipe import load_recipe
 from compress.reports import markdown_report
