@@ -100,13 +100,14 @@ def row_mass_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     # points off; a bracket of 1e-7 costs a dozen more sums and reaches the tolerance.
     low, high, alpha = 0.0, 0.8, 0.4
     counts = per_row(alpha)
-    while abs(float(counts.sum()) / scores.numel() - sparsity) > MASS_TOLERANCE and \
-            high - low >= 1e-7:
-        if float(counts.sum()) / scores.numel() > sparsity:
+    reached = float(counts.sum()) / scores.numel()
+    while abs(reached - sparsity) > MASS_TOLERANCE and high - low >= 1e-7:
+        if reached > sparsity:
             high, alpha = alpha, (alpha + low) / 2
         else:
             low, alpha = alpha, (alpha + high) / 2
         counts = per_row(alpha)
+        reached = float(counts.sum()) / scores.numel()
     return _row_mask(scores, counts)
 
 

@@ -196,6 +196,18 @@ def quantize_group(layer: nn.Module, names: tuple[str, ...], h: torch.Tensor,
     return out
 
 
+def _quantize_in_place(layer: nn.Module, names, h: torch.Tensor,
+                       config: GPTQConfig) -> dict[str, nn.Module]:
+    """Quantize one group, but keep its float linears with the dequantized weights written in,
+    so that later groups calibrate on quantized outputs; the quantized modules, to swap in once
+    the layer is done."""
+    quantized = quantize_group(layer, names, h, config)
+    for name, qlinear in quantized.items():
+        linear = layer.get_submodule(name)
+        linear.weight.data.copy_(qlinear.dequantize(linear.weight.dtype))
+    return quantized
+
+
 def _sequential_in_one_forward(layer: nn.Module, groups, config: GPTQConfig, forward):
     """Quantize each group from a hook as the single forward (all samples, one batch) reaches it.
 
@@ -207,11 +219,8 @@ def _sequential_in_one_forward(layer: nn.Module, groups, config: GPTQConfig, for
     def hook(_module, args, names):
         if names[0] in replaced:
             raise RuntimeError("true_sequential GPTQ expects one batch per layer forward")
-        for name, qlinear in quantize_group(layer, names, InputStats.from_input(args[0]).hessian(),
-                                            config).items():
-            linear = layer.get_submodule(name)
-            linear.weight.data.copy_(qlinear.dequantize(linear.weight.dtype))
-            replaced[name] = qlinear
+        replaced.update(_quantize_in_place(layer, names,
+                                           InputStats.from_input(args[0]).hessian(), config))
 
     handles = [layer.get_submodule(names[0]).register_forward_pre_hook(
         lambda m, args, names=names: hook(m, args, names)) for names in groups]
@@ -234,10 +243,7 @@ def _sequential_in_batches(layer: nn.Module, groups, config: GPTQConfig, forward
         stats = InputStats()
         collect_linear_inputs({names[0]: layer.get_submodule(names[0])}, forward,
                               lambda _name, x: stats.add(x))
-        for name, qlinear in quantize_group(layer, names, stats.hessian(), config).items():
-            linear = layer.get_submodule(name)
-            linear.weight.data.copy_(qlinear.dequantize(linear.weight.dtype))
-            replaced[name] = qlinear
+        replaced.update(_quantize_in_place(layer, names, stats.hessian(), config))
     for name, qlinear in replaced.items():
         set_submodule(layer, name, qlinear)
 
