@@ -79,3 +79,12 @@ def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for rel in adapter.linear_names():
             out.append((f"{adapter.layers_path}.{i}.{rel}", layer.get_submodule(rel)))
     return out
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: `cache` since transformers 5.2x renamed it,
+    `past_key_values` before (5.17, for example, ignores an unknown `cache=` silently)."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"

@@ -65,6 +65,7 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.
         handle.remove()
     # Caches are not wanted while calibrating; every batch shares positions (no padding).
     kwargs_seen.pop("past_key_values", None)
+    kwargs_seen.pop("cache", None)  # the name since transformers 5.2x
     kwargs_seen["use_cache"] = False
     return inputs, kwargs_seen
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.adapters import cache_argument
 from compress.errors import UserError
 from evaluate.timing import synchronize
 
@@ -82,6 +83,7 @@ class Engine:
                             "num_key_value_heads in its config (Llama family)")
         self.model = model
         self.config = config
+        self._cache_arg = cache_argument(model)
         self.device = next(model.parameters()).device
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.cache = None
@@ -167,13 +169,14 @@ class Engine:
             self._mask[:, :length] = attention_mask
             mask = self._mask
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         cache=self.cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
         return out.logits[:, -1]
 
     def _eager_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         mask = None if self._offsets is None else self._mask
         out = self.model(input_ids=tokens[:, None], attention_mask=mask,
-                         position_ids=positions[:, None], cache=self.cache, use_cache=True)
+                         position_ids=positions[:, None], use_cache=True,
+                         **{self._cache_arg: self.cache})
         return out.logits[:, -1]
 
     @torch.inference_mode()

@@ -7,6 +7,10 @@
 #   bash scripts/gpu_checks.sh sweep      # int8 / int4 / W8A8 / FP8 / 2:4 / structured vs bf16, with
 #                                         # speed-up verdicts (issues 5, 6, 7)
 #   bash scripts/gpu_checks.sh gptq       # GPTQ of the 8B shape, layers offloaded to the CPU (issue 4)
+#   bash scripts/gpu_checks.sh short      # what one 15-minute lease holds: the kernel tests, then
+#                                         # bf16 / int4 / int8 / FP8 / W8A8 / 2:4 / structured at
+#                                         # batch 1, then bf16 against HF eager, each step under a
+#                                         # time limit; everything packed in $OUT/gpu-short.tgz
 #
 # Figures land in $OUT (default: $OUT of the device tool, else reports/gpu-<shape>); copy them
 # into reports/ with the GPU name. The device image has torch, transformers, pandas, pyyaml,
@@ -28,9 +32,15 @@ if [ -n "${SMALL:-}" ]; then   # the dry run: toy shapes, one repeat, no peers t
     SWEEP_SHAPES=(--bench-batch 1 --bench-prompt 16 --bench-new 4 --bench-prefill 1x32
                   --bench-warmup 0 --bench-repeats 1 --windows 1 --seq-len 64)
     PEERS=hf; CALIB=(--calib-samples 4 --calib-seq-len 64); COMPILE=(); GROUP=64
+    SHAPES_B1=(--prompt 16 --new 4 --prefill 1x32 --warmup 0 --repeats 1)
+    SWEEP_B1=(--bench-prompt 16 --bench-new 4 --bench-prefill 1x32 --bench-warmup 0
+              --bench-repeats 1)
 else                           # PROTOCOL.md 'Speed'
     SHAPES=(); SWEEP_SHAPES=(--windows 4); PEERS=hf,hf-eager,bnb-int8,bnb-nf4,torchao-int4,torchao-int8
     CALIB=(--calib-samples 128 --calib-seq-len 2048); COMPILE=(--compile); GROUP=128
+    SHAPES_B1=(--prompt 512 --new 128 --prefill 1x2048 --warmup 2 --repeats 5)
+    SWEEP_B1=(--bench-prompt 512 --bench-new 128 --bench-prefill 1x2048 --bench-warmup 2
+              --bench-repeats 5)
 fi
 run_stage() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
 
@@ -51,6 +61,30 @@ if run_stage sweep; then
         --corpus random --bench --bench-semi-structured "${COMPILE[@]}" "${SWEEP_SHAPES[@]}" \
         --out "$OUT/sweep" \
         --overwrite --title "$MODEL on $DEVICE: speed of each recipe against bf16 (random weights)"
+fi
+if [ "$STAGE" = short ]; then
+    # Each step has its own limit so that the whole stays inside one 10-minute call and what was
+    # measured comes back even when a step runs out of time: a sweep stopped by `timeout` leaves
+    # its finished JSONs in its hidden .sweep-b1.tmp-* folder; one failed recipe does not stop it.
+    WORK=$(mktemp -d /tmp/gpu-short.XXXX)
+    { nvidia-smi || true; "$PY" -c "import torch, transformers; print(torch.__version__, \
+      transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+    } > "$WORK/machine.txt" 2>&1
+    timeout "${T_KERNELS:-60}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ \
+        > "$WORK/kernels.log" 2>&1 || echo "kernels: exit $?" >> "$WORK/kernels.log"
+    [ -n "${SMALL:-}" ] && INT4=recipes/int4-g64-sym.yaml || INT4=recipes/int4-g128-sym.yaml
+    timeout "${T_SWEEP:-390}" "$PY" -m compress.cli sweep "$INT4" recipes/int8-channel.yaml \
+        recipes/fp8-w8a8.yaml recipes/smoothquant-w8a8.yaml recipes/wanda-2of4.yaml \
+        recipes/mlp25.yaml recipes/layers-drop4.yaml --model "$MODEL" --device "$DEVICE" \
+        --corpus random --windows 1 --seq-len 512 --bench --bench-semi-structured \
+        "${COMPILE[@]}" --bench-batch 1 "${SWEEP_B1[@]}" --out "$WORK/sweep-b1" --overwrite \
+        --title "$MODEL on $DEVICE, batch 1: each recipe against bf16 (random weights)" \
+        > "$WORK/sweep-b1.log" 2>&1 || echo "sweep: exit $?" >> "$WORK/sweep-b1.log"
+    timeout "${T_BENCH:-100}" "$PY" -m compress.cli bench "$MODEL" --device "$DEVICE" \
+        --peers hf-eager "${COMPILE[@]}" --batch 1 "${SHAPES_B1[@]}" --out "$WORK/bench-bf16" \
+        --overwrite > "$WORK/bench-bf16.log" 2>&1 || echo "bench: exit $?" >> "$WORK/bench-bf16.log"
+    tar czf "$OUT/gpu-short.tgz" -C "$WORK" .
+    cp "$WORK"/*.log "$WORK/machine.txt" "$OUT"/
 fi
 if run_stage gptq; then
     # The model waits on the CPU; each layer is calibrated on the GPU (peak GPU memory printed).

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from compress.adapters import adapter_for
+from compress.adapters import adapter_for, cache_argument
 from compress.calibration import CalibrationData
 from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.errors import UserError
@@ -115,9 +115,10 @@ def test_drop_layers_renumbers_kv_cache_and_reloads(tokens, tmp_path):
     with torch.no_grad():
         full = model(tokens[:1]).logits[0, -1]
         cache = DynamicCache(config=model.config)
-        model(tokens[:1, :-1], cache=cache, use_cache=True)
+        kv = {cache_argument(model): cache}
+        model(tokens[:1, :-1], use_cache=True, **kv)
         assert len(cache.layers) == 2
-        step = model(tokens[:1, -1:], cache=cache, use_cache=True).logits[0, -1]
+        step = model(tokens[:1, -1:], use_cache=True, **kv).logits[0, -1]
     assert torch.allclose(full, step, atol=1e-4)
     _roundtrip(model, tokens, tmp_path, stock=True)
 

@@ -164,14 +164,20 @@ def run(args) -> int:
             tasks = TaskRunner(task_settings, os.path.join(tmp, "tasks"))
         session = Session.open(args.model, recipes[0].corpus, args.device, dtype)
         measure = Measure(args, session, tasks, bench)
-        results = sweep(session, recipes, measure, tmp, int(args.kl_cache_gb * 2**30))
+        failures = {}
+        results = sweep(session, recipes, measure, tmp, int(args.kl_cache_gb * 2**30), failures)
         write_report_files(tmp, results, title=title)
     print(markdown_report(results, title=title))
     print(f"wrote {args.out}")
-    return 0
+    for name, reason in failures.items():
+        print(f"error: recipe {name} failed: {reason}")
+    return 1 if failures else 0
 
 
-def sweep(session: Session, recipes: list, measure: Measure, folder: str, cache_bytes: int) -> list:
+def sweep(session: Session, recipes: list, measure: Measure, folder: str, cache_bytes: int,
+          failures: dict) -> list:
+    """Measure the baseline and each recipe. A recipe that fails at run time is recorded in
+    `failures` {name: one-line reason} (and failures.json) and the sweep goes on."""
     settings = recipes[0].evaluation
     base_model = session.loaded.model
     reference = Reference.plan(base_model, evaluation_windows(session, settings), cache_bytes)
@@ -184,18 +190,38 @@ def sweep(session: Session, recipes: list, measure: Measure, folder: str, cache_
     progress.update()
     for recipe in recipes:
         progress.set_postfix_str(recipe.name)
-        model, seconds = compress_model(session, recipe)
-        extra = {"compress_seconds": seconds, **(getattr(model, "compress_report", None) or {})}
-        result = evaluate(session, model, recipe.evaluation, recipe.resolved(), desc=recipe.name,
-                          extra_metrics=extra, reference=reference)
-        result = measure.add(result, model, recipe.name)
-        write_json(result, os.path.join(folder, f"{recipe.name}.json"))
-        results.append(result)
-        m = result["metrics"]
-        progress.write(f"{recipe.name}: perplexity {m['perplexity']:.3f}, KL "
-                       f"{m['kl_divergence']:.4f}, top-1 {100 * m['top1_agreement']:.2f}%")
-        del model
-        gc.collect()
+        try:
+            result = measure_recipe(session, recipe, measure, reference)
+        except UserError:
+            raise
+        except Exception as exc:  # one recipe's failure must not lose the others' measurements
+            failures[recipe.name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            progress.write(f"{recipe.name}: FAILED, {failures[recipe.name]}")
+        else:
+            write_json(result, os.path.join(folder, f"{recipe.name}.json"))
+            results.append(result)
+            m = result["metrics"]
+            progress.write(f"{recipe.name}: perplexity {m['perplexity']:.3f}, KL "
+                           f"{m['kl_divergence']:.4f}, top-1 {100 * m['top1_agreement']:.2f}%")
+        free_memory(session.device)
         progress.update()
     progress.close()
+    if failures:
+        write_json(failures, os.path.join(folder, "failures.json"))
     return results
+
+
+def measure_recipe(session: Session, recipe, measure: Measure, reference) -> dict:
+    model, seconds = compress_model(session, recipe)
+    extra = {"compress_seconds": seconds, **(getattr(model, "compress_report", None) or {})}
+    result = evaluate(session, model, recipe.evaluation, recipe.resolved(), desc=recipe.name,
+                      extra_metrics=extra, reference=reference)
+    return measure.add(result, model, recipe.name)
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
