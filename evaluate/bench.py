@@ -91,11 +91,12 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
             "tokens_per_s": batch * length / seconds, "flop_per_s": flops / seconds,
             "pct_of_matmul": 100 * flops / seconds / matmul,
             "kv_cache_bytes": engine.kv_cache_bytes(), "peak_allocated_bytes": peak.peak,
-            "timing": timing})
+            "kernels": linear_kernels(model), "timing": timing})
     engine.allocate(1, 2)  # drop the prefill caches before the decode ones
     for batch in cfg.batches:
         row["decode"].append(_bench_decode(engine, cfg, batch, vocab, device, weights, ceil))
-    row["kernels"] = linear_kernels(model)
+    # The headline kernels: the first decode batch's (prefill rows carry their own).
+    row["kernels"] = row["decode"][0]["kernels"] if row["decode"] else linear_kernels(model)
     return row
 
 
@@ -105,6 +106,7 @@ def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, devi
     # chosen from the prefill logits.
     engine.allocate(batch, cfg.prompt + cfg.new + 1)
     compile_s = engine.compile_decode() if cfg.compile else None
+    kernels = linear_kernels(engine.model, compiled=True) if cfg.compile else None
     ids = random_tokens(batch, cfg.prompt, vocab, device, cfg.seed + batch)
     state = {}
 
@@ -117,6 +119,7 @@ def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, devi
 
     with PeakMemory(device) as peak:
         timing = time_it(loop, device, cfg.warmup, cfg.repeats, setup=setup)
+    # Uncompiled, the loop's last forward was a decode step: its labels are the decode kernels.
     seconds = timing["median_s"]
     step_bytes = decode_bytes_per_step(weights, engine, cfg.prompt + (cfg.new + 1) / 2)
     bandwidth = ceil["copy"]["bytes_per_s"]
@@ -127,7 +130,8 @@ def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, devi
             "bytes_per_step": step_bytes, "achieved_bytes_per_s": step_bytes / (seconds / cfg.new),
             "roofline_ms_per_token": roofline_ms, "pct_of_roofline": 100 * roofline_ms / ms_per_token,
             "kv_cache_bytes": engine.kv_cache_bytes(), "peak_allocated_bytes": peak.peak,
-            "compile_s": compile_s, "timing": timing}
+            "compile_s": compile_s, "kernels": kernels or linear_kernels(engine.model),
+            "timing": timing}
 
 
 def decode_bytes_per_step(weights: dict, engine: Engine, mean_context: float) -> float:
@@ -152,8 +156,9 @@ def prefill_flops(model: nn.Module, batch: int, length: int) -> float:
     return 2 * linear * batch * length + attention + lm_head
 
 
-def linear_kernels(model: nn.Module) -> dict:
-    """Kind of linear (q_proj, ..., lm_head) -> 'Class: kernel' as the last forward ran it."""
+def linear_kernels(model: nn.Module, compiled: bool = False) -> dict:
+    """Kind of linear (q_proj, ..., lm_head) -> 'Class: kernel' as the last eager forward ran it,
+    or (compiled) as a compiled forward of the same shapes runs it."""
     adapter = adapter_for(model)
     found: dict[str, dict[str, int]] = {}
     # "model.layers.3.self_attn.q_proj" -> "self_attn.q_proj"
@@ -161,7 +166,7 @@ def linear_kernels(model: nn.Module) -> dict:
              for name, m in decoder_linears(model)]
     named.append(("lm_head", adapter.lm_head(model)))
     for kind, module in named:
-        label = f"{type(module).__name__}: {kernel_of(module)}"
+        label = f"{type(module).__name__}: {kernel_of(module, compiled)}"
         found.setdefault(kind, {}).setdefault(label, 0)
         found[kind][label] += 1
     return {kind: " + ".join(f"{label} (x{n})" if len(labels) > 1 else label
@@ -169,8 +174,9 @@ def linear_kernels(model: nn.Module) -> dict:
             for kind, labels in found.items()}
 
 
-def kernel_of(module: nn.Module) -> str:
-    kernel = getattr(module, "kernel", None)
+def kernel_of(module: nn.Module, compiled: bool = False) -> str:
+    kernel = getattr(module, "compiled_kernel", None) if compiled else None
+    kernel = kernel or getattr(module, "kernel", None)
     if isinstance(kernel, str):
         return kernel
     weight = getattr(module, "weight", None)

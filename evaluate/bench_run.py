@@ -83,6 +83,10 @@ def markdown(doc: dict) -> str:
             continue
         w = row["weight_bytes"]
         kernels = "; ".join(f"{k}: {v}" for k, v in _compact(row["kernels"]).items())
+        prefill = (row.get("prefill") or [{}])[0].get("kernels")
+        if prefill and prefill != row["kernels"]:  # ours: the first decode batch, then prefill
+            kernels = f"decode: {kernels}. Prefill: " + "; ".join(
+                f"{k}: {v}" for k, v in _compact(prefill).items())
         lines.append(f"| {row['name']} | {_fmt(w['total'], 1, 1e-6)} | "
                      f"{_fmt(w['embedding'], 1, 1e-6)} | {_fmt(w['linear'], 1, 1e-6)} | "
                      f"{_fmt(w['lm_head'], 1, 1e-6)} | {kernels} |")

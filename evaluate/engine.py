@@ -195,11 +195,10 @@ class Engine:
         if self.cache is None:
             raise UserError("compile_decode needs allocate() first")
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        # One eager run with decode shapes first: layers record the kernel that the compiled step
-        # will run (a compiled step does not update their `kernel` labels).
-        self._step = self._eager_step
-        self.generate(random_tokens(self.batch, prompt_len, self.config.vocab_size, self.device),
-                      max_new_tokens=2, stop_on_eos=False)
+        # Every engine compiles the same method (one code object): without a reset, models
+        # compiled earlier in this process count against dynamo's recompile limit, and a sweep's
+        # fifth model failed with FailOnRecompileLimitHit.
+        torch.compiler.reset()
         self._compiled = torch.compile(self._eager_step, mode=mode, fullgraph=True)
         self._step = self._compiled
         ids = random_tokens(self.batch, prompt_len, self.config.vocab_size, self.device, seed=1)
@@ -208,6 +207,11 @@ class Engine:
         self.generate(ids, max_new_tokens=4, stop_on_eos=False)
         synchronize(self.device)
         self.compile_seconds = time.perf_counter() - started
+        # Then one eager run, whose last forward is a decode step: the layers' kernel labels
+        # describe decode shapes (a compiled step cannot set them).
+        self._step = self._eager_step
+        self.generate(ids, max_new_tokens=2, stop_on_eos=False)
+        self._step = self._compiled
         return self.compile_seconds
 
     @torch.inference_mode()

@@ -7,10 +7,12 @@
 #   bash scripts/gpu_checks.sh sweep      # int8 / int4 / W8A8 / FP8 / 2:4 / structured vs bf16, with
 #                                         # speed-up verdicts (issues 5, 6, 7)
 #   bash scripts/gpu_checks.sh gptq       # GPTQ of the 8B shape, layers offloaded to the CPU (issue 4)
-#   bash scripts/gpu_checks.sh short      # what one 15-minute lease holds: the kernel tests, then
-#                                         # bf16 / int4 / int8 / FP8 / W8A8 / 2:4 / structured at
-#                                         # batch 1, then bf16 against HF eager, each step under a
-#                                         # time limit; everything packed in $OUT/gpu-short.tgz
+#   bash scripts/gpu_checks.sh short      # what one 15-minute lease holds: the kernel tests, the
+#                                         # per-shape kernel timings, bf16 / int4 / int8 / FP8 /
+#                                         # W8A8 / 2:4 / structured at batch 1, bf16 against HF
+#                                         # eager; each step under a time limit (T_KERNELS,
+#                                         # T_KERNEL_BENCH, T_SWEEP, T_BENCH; 0 skips a step);
+#                                         # everything packed in $OUT/gpu-short.tgz
 #
 # Figures land in $OUT (default: $OUT of the device tool, else reports/gpu-<shape>); copy them
 # into reports/ with the GPU name. The device image has torch, transformers, pandas, pyyaml,
@@ -73,6 +75,11 @@ if [ "$STAGE" = short ]; then
     timeout "${T_KERNELS:-60}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ \
         > "$WORK/kernels.log" 2>&1 || echo "kernels: exit $?" >> "$WORK/kernels.log"
     [ -n "${SMALL:-}" ] && INT4=recipes/int4-g64-sym.yaml || INT4=recipes/int4-g128-sym.yaml
+    if [ "${T_KERNEL_BENCH:-60}" -gt 0 ]; then
+        timeout "${T_KERNEL_BENCH:-60}" "$PY" -m evaluate.kernel_bench --shape "${MODEL#random:}" \
+            --group-size "$GROUP" --device "$DEVICE" --out "$WORK/kernel-bench/kernels.json" \
+            > "$WORK/kernel-bench.log" 2>&1 || echo "kernel bench: exit $?" >> "$WORK/kernel-bench.log"
+    fi
     timeout "${T_SWEEP:-390}" "$PY" -m compress.cli sweep "$INT4" recipes/int8-channel.yaml \
         recipes/fp8-w8a8.yaml recipes/smoothquant-w8a8.yaml recipes/wanda-2of4.yaml \
         recipes/mlp25.yaml recipes/layers-drop4.yaml --model "$MODEL" --device "$DEVICE" \
@@ -80,11 +87,13 @@ if [ "$STAGE" = short ]; then
         "${COMPILE[@]}" --bench-batch 1 "${SWEEP_B1[@]}" --out "$WORK/sweep-b1" --overwrite \
         --title "$MODEL on $DEVICE, batch 1: each recipe against bf16 (random weights)" \
         > "$WORK/sweep-b1.log" 2>&1 || echo "sweep: exit $?" >> "$WORK/sweep-b1.log"
-    timeout "${T_BENCH:-100}" "$PY" -m compress.cli bench "$MODEL" --device "$DEVICE" \
-        --peers hf-eager "${COMPILE[@]}" --batch 1 "${SHAPES_B1[@]}" --out "$WORK/bench-bf16" \
-        --overwrite > "$WORK/bench-bf16.log" 2>&1 || echo "bench: exit $?" >> "$WORK/bench-bf16.log"
+    if [ "${T_BENCH:-100}" -gt 0 ]; then
+        timeout "${T_BENCH:-100}" "$PY" -m compress.cli bench "$MODEL" --device "$DEVICE" \
+            --peers hf-eager "${COMPILE[@]}" --batch 1 "${SHAPES_B1[@]}" --out "$WORK/bench-bf16" \
+            --overwrite > "$WORK/bench-bf16.log" 2>&1 || echo "bench: exit $?" >> "$WORK/bench-bf16.log"
+    fi
     tar czf "$OUT/gpu-short.tgz" -C "$WORK" .
-    cp "$WORK"/*.log "$WORK/machine.txt" "$OUT"/
+    cp "$WORK"/*.log "$WORK/machine.txt" "$OUT"/ 2>/dev/null || true
 fi
 if run_stage gptq; then
     # The model waits on the CPU; each layer is calibrated on the GPU (peak GPU memory printed).

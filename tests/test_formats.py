@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from compress.formats import grid
+from compress.formats.base import FUSED_GEMV
 from compress.formats.int4 import Int4Linear
 from compress.formats.int8 import Int8Linear
 from compress.quant.rtn import quantized_linear
@@ -71,22 +72,30 @@ def test_cpu_kernels_are_used_only_where_they_win(bits, group_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,group_size,kernel", [(8, 0, "torch._weight_int8pack_mm"),
-                                                    (4, 64, "torch._weight_int4pack_mm"),
-                                                    (4, 128, "torch._weight_int4pack_mm")])
+@pytest.mark.parametrize("bits,group_size,eager_kernel", [(8, 0, "reference"),
+                                                          (4, 64, "torch._weight_int4pack_mm"),
+                                                          (4, 128, "torch._weight_int4pack_mm")])
 @pytest.mark.parametrize("out_features,in_features", [(1536, 576), (4096, 4096), (96, 1024)])
-def test_cuda_kernels_serve_decode_and_agree_with_the_reference(bits, group_size, kernel,
-                                                                 out_features, in_features):
-    if in_features % group_size:
+def test_cuda_paths_agree_with_the_reference(bits, group_size, eager_kernel, out_features,
+                                             in_features):
+    """Eager: tinygemm (int4) up to 64 rows, else dequantize + cuBLAS; compiled: one row runs the
+    fused dequantize-GEMV. Every path against the float32 reference, on widths that are not
+    multiples of the kernels' tiles too (576)."""
+    if group_size and in_features % group_size:
         pytest.skip("group size must divide the width")
     q = quantized_linear(_linear(out_features, in_features), bits, group_size, True)
     q = q.to("cuda", torch.bfloat16)
+    compiled = torch.compile(q, dynamic=False)
     for rows in (1, 8, 64, 300):
         x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+        ref = torch.nn.functional.linear(x.float(), q.dequantize(torch.float32))
         fast = q(x).float()
-        assert q.kernel == (kernel if rows <= 64 else "reference")   # prefill: dequant + GEMM
-        ref = q.reference_forward(x).float()
+        assert q.kernel == (eager_kernel if rows <= 64 else "reference")
         assert (fast - ref).norm() / ref.norm() < 1e-2
+        if rows <= 8:
+            assert q.compiled_kernel == (FUSED_GEMV if rows == 1 else q.kernel)
+            out = compiled(x).float()
+            assert (out - ref).norm() / ref.norm() < 1e-2
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -194,15 +194,22 @@ def test_batched_true_sequential_equals_the_one_forward_path(tiny_model, tokens,
 @pytest.mark.gpu
 def test_layers_offloaded_to_the_cpu_calibrate_on_the_gpu(tiny_model, tokens):
     """The model (and the hidden states between layers) stay on the CPU; each layer visits the
-    GPU. The result matches a CPU calibration up to float rounding and lives on the CPU."""
+    GPU. The result lives on the CPU and is as good as a CPU calibration. Codes are not compared:
+    GPU and CPU linear algebra round differently and GPTQ's error feedback carries each change
+    along its row (half the codes differed on an H200), so the test compares output errors."""
     config = GPTQConfig(bits=4, group_size=32, symmetric=True)
     cpu = gptq(copy.deepcopy(tiny_model), config, CalibrationData(tokens, batch_size=2))
     offloaded = gptq(copy.deepcopy(tiny_model), config,
                      CalibrationData(tokens, batch_size=2, device="cuda"))
     assert all(t.device.type == "cpu" for t in offloaded.state_dict().values())
-    pairs = [(a, b) for a, b in zip(cpu.modules(), offloaded.modules()) if isinstance(a, Int4Linear)]
-    for a, b in pairs:
-        assert (a.dequantize() != b.dequantize()).float().mean() < 0.02
+    rtn = apply_recipe(copy.deepcopy(tiny_model), recipe_from_dict(
+        {"passes": [{"pass": "rtn", "bits": 4, "group_size": 32}]}, "rtn"))
+    with torch.no_grad():
+        reference = tiny_model(tokens).logits
+        error = {name: (m(tokens).logits - reference).pow(2).mean().item()
+                 for name, m in (("cpu", cpu), ("offloaded", offloaded), ("rtn", rtn))}
+    assert error["offloaded"] <= 1.25 * error["cpu"]
+    assert error["offloaded"] < error["rtn"]
 
 
 def test_cli_gptq_saves_and_reloads_bit_identical(tmp_path, tokens):

@@ -1,6 +1,8 @@
 """What every quantized linear layer shares: its spec (saved in compress.json) and a reference forward."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,10 +12,14 @@ from torch import nn
 # slower at 1024 rows, and slower at 1 row too (torch 2.13, SmolLM2 shapes, 2-core machine).
 CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 CPU_KERNEL_MAX_ROWS = 64
-# Above this many rows (tokens) the CUDA weight-only kernels (tinygemm int4, int8pack) lose to
-# dequantize + cuBLAS: issue 5 measured int4 tinygemm prefill many times slower than bf16 and
-# int8pack slower than bf16 at every size. A GPU session tunes this per kernel and shape.
+# Above this many rows (tokens) CUDA's int4 tinygemm loses to dequantize + cuBLAS: issue 5
+# measured its prefill many times slower than bf16.
 CUDA_KERNEL_MAX_ROWS = 64
+# Inside a compiled decode step on CUDA, a single row (batch-1 decode) runs as one inductor
+# reduction that reads the stored codes and dequantizes them in registers (`fused_gemv`): the
+# only weight traffic is the codes and scales. With more rows each row re-reads the codes.
+FUSED_GEMV_MAX_ROWS = 1
+FUSED_GEMV = "inductor fused dequantize-GEMV (compiled)"
 
 
 def cpu_kernel_wins(x: torch.Tensor) -> bool:
@@ -21,16 +27,51 @@ def cpu_kernel_wins(x: torch.Tensor) -> bool:
     return x.dtype in CPU_KERNEL_DTYPES and x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS
 
 
-def cuda_kernel_fits(x: torch.Tensor) -> bool:
-    """Whether activations `x` are on CUDA and few enough rows for a weight-only kernel."""
-    return x.is_cuda and x.numel() // x.shape[-1] <= CUDA_KERNEL_MAX_ROWS
+def fused_on_cuda(fn):
+    """`fn` compiled by inductor on its first eager call on CUDA: a chain of element-wise ops
+    (dequantizing a weight, quantizing activations) becomes one kernel instead of several full
+    passes over memory. Inside a compiled region (the outer compile fuses it anyway) and on the
+    CPU it is `fn` itself. The first argument must be a tensor; compiled lazily, not on import."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        if not args[0].is_cuda or torch.compiler.is_compiling():
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args)
+
+    return call
+
+
+def rows_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def use_fused_gemv(x: torch.Tensor) -> bool:
+    """Whether a weight-only layer takes `fused_gemv` for `x`: compiled, on CUDA, one row."""
+    return x.is_cuda and torch.compiler.is_compiling() and rows_of(x) <= FUSED_GEMV_MAX_ROWS
+
+
+def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T as a multiply-and-sum in float32. Meant for a compiled region only, where
+    inductor fuses the dequantization that produced `weight` into the reduction (eagerly it
+    would materialize [rows, out, in])."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    out = (flat[:, None, :] * weight.float()[None]).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 class QuantizedLinear(nn.Module):
     """Base for Int8Linear, Int4Linear, ...: explicit buffers, `dequantize` and a reference forward.
 
     Subclasses define `format` (a name), `_register_storage`, `dequantize` and may override
-    `forward` with a fast kernel; `kernel` names what the last forward ran.
+    `forward` with a fast kernel; `kernel` names what the last eager forward ran, and
+    `compiled_kernel` what a compiled forward of the same rows runs (where that differs).
     """
 
     format = "base"
@@ -44,6 +85,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) \
             if bias else None
         self.kernel = "reference"
+        self.compiled_kernel: str | None = None
 
     def _register_storage(self, dtype: torch.dtype) -> None:
         raise NotImplementedError
@@ -68,6 +110,14 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.kernel = "reference"
         return self.reference_forward(x)
+
+    def label(self, eager: str, x: torch.Tensor) -> None:
+        """Record the kernel an eager forward ran on `x`, and the one a compiled forward of the
+        same rows runs (a compiled step cannot update these labels itself)."""
+        if not torch.compiler.is_compiling():
+            self.kernel = eager
+            fused = x.is_cuda and rows_of(x) <= FUSED_GEMV_MAX_ROWS
+            self.compiled_kernel = FUSED_GEMV if fused else eager
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "

@@ -2,15 +2,17 @@
 
 Storage: `qweight` uint8 [out, in/2], column 2j in the low nibble and 2j+1 in the high one;
 `scales` [out, groups] in the model dtype; `zeros` uint8 [out, groups] (asymmetric only; the
-symmetric zero point is 8). The forward here is the reference (dequantize, matmul); fast GPU
-kernels build their own layouts from these buffers.
+symmetric zero point is 8). Kernels: on CUDA, one row inside a compiled step runs
+`fused_gemv` (codes read once, unpacked and scaled in registers); up to CUDA_KERNEL_MAX_ROWS
+rows run tinygemm (compress/formats/int4_kernels.py, its own layout built from these buffers);
+the rest dequantize (one fused kernel on CUDA) and run the float matmul.
 """
 from __future__ import annotations
 
 import torch
 
 from compress.formats import grid
-from compress.formats.base import QuantizedLinear
+from compress.formats.base import QuantizedLinear, fused_gemv, fused_on_cuda, use_fused_gemv
 
 SYMMETRIC_ZERO = 8
 
@@ -60,8 +62,8 @@ class Int4Linear(QuantizedLinear):
         return q, zero
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        q, zero = self.codes()
-        return grid.dequantize(q, self.scales, zero, self.group_size, dtype or self.scales.dtype)
+        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size,
+                               dtype or self.scales.dtype)
 
     # Fast path (compress/formats/int4_kernels.py): a kernel layout built lazily from the buffers
     # above, kept out of the state dict so the saved format never changes.
@@ -74,6 +76,8 @@ class Int4Linear(QuantizedLinear):
         self._fast_key = (self.qweight.device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused_gemv(x):
+            return fused_gemv(x, self.dequantize(torch.float32), self.bias)
         if not torch.compiler.is_compiling() and \
                 getattr(self, "_fast_key", None) != (self.qweight.device, x.dtype):
             self.prepare_fast(x.dtype)
@@ -83,11 +87,18 @@ class Int4Linear(QuantizedLinear):
             out = out if self.bias is None else out + self.bias
         else:
             kernel, out = "reference", self.reference_forward(x)
-        if not torch.compiler.is_compiling():  # a compiled step keeps its eager twin's label
-            self.kernel = kernel
+        self.label(kernel, x)
         return out
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / dtype casts invalidate the kernel layout: rebuild on the next forward.
         self._fast = self._fast_key = None
         return super()._apply(fn, recurse)
+
+
+@fused_on_cuda
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    zero = (torch.full_like(scales, SYMMETRIC_ZERO, dtype=torch.uint8) if zeros is None
+            else zeros)
+    return grid.dequantize(unpack_int4(packed), scales, zero, group_size, dtype)

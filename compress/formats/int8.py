@@ -1,16 +1,21 @@
 """Int8 weight-only linear layer: int8 codes, per-group scales, optional zero points.
 
 Storage: `qweight` int8 [out, in] holding (q - 128); `scales` [out, groups] in the model dtype;
-`zeros` [out, groups] (asymmetric only) holding (zero - 128). Symmetric per-channel layers run
-`torch._weight_int8pack_mm` for decode-sized inputs on CUDA (`cuda_kernel_fits`) and on the CPU
-where it wins (`cpu_kernel_wins`); the rest run the reference (dequantize, matmul).
+`zeros` [out, groups] (asymmetric only) holding (zero - 128). Kernels:
+- CUDA, one row inside a compiled step: `fused_gemv` (the codes are read once, dequantized in
+  registers). `torch._weight_int8pack_mm` is not used on CUDA: on an H200 (torch 2.11) it ran the
+  Llama-3-8B decode step at 56 ms against bf16's 5.8 ms.
+- CPU: `torch._weight_int8pack_mm` for symmetric per-channel layers where it wins
+  (`cpu_kernel_wins`).
+- Otherwise the reference: dequantize (one fused kernel on CUDA), then matmul.
 """
 from __future__ import annotations
 
 import torch
 
 from compress.formats import grid
-from compress.formats.base import QuantizedLinear, cpu_kernel_wins, cuda_kernel_fits
+from compress.formats.base import (QuantizedLinear, cpu_kernel_wins, fused_gemv, fused_on_cuda,
+                                   use_fused_gemv)
 
 OFFSET = 128
 
@@ -47,16 +52,27 @@ class Int8Linear(QuantizedLinear):
         return q, zero
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        q, zero = self.codes()
-        return grid.dequantize(q, self.scales, zero, self.group_size, dtype or self.scales.dtype)
+        return dequantize_int8(self.qweight, self.scales, self.zeros, self.group_size,
+                               dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused_gemv(x):
+            return fused_gemv(x, self.dequantize(torch.float32), self.bias)
         if self.symmetric and self.group_size == 0 and x.dtype == self.scales.dtype and \
-                (cuda_kernel_fits(x) or cpu_kernel_wins(x)):
-            self.kernel = "torch._weight_int8pack_mm"
+                x.device.type == "cpu" and cpu_kernel_wins(x):
+            self.label("torch._weight_int8pack_mm", x)
             flat = x.reshape(-1, self.in_features)
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scales[:, 0])
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
-        self.kernel = "reference"
+        self.label("reference", x)
         return self.reference_forward(x)
+
+
+@fused_on_cuda
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    q = qweight.to(torch.int16) + OFFSET
+    zero = (torch.full_like(scales, OFFSET, dtype=torch.int16) if zeros is None
+            else zeros.to(torch.int16) + OFFSET)
+    return grid.dequantize(q, scales, zero, group_size, dtype)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from compress.formats.base import RowScaledLinear
+from compress.formats.base import RowScaledLinear, fused_on_cuda
 
 QMAX = 127          # symmetric int8: -128 is never used, so negation never overflows
 EPS = 1e-8          # scale floor: an all-zero row or token quantizes to zeros, not NaN
 CUDA_MIN_ROWS = 17  # cuBLAS int8 GEMM behind torch._int_mm rejects m <= 16
 
 
+@fused_on_cuda  # activations, at every forward: one kernel, not five passes
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row of a 2-D tensor: codes int8 [rows, cols] and scales float32 [rows, 1].
 

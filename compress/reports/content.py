@@ -175,14 +175,18 @@ def _verdict_table(frame: pd.DataFrame, prefill: list[str], batches: list[int]) 
 
 
 def _kernel_table(results: list[dict]) -> tuple:
-    """Which kernel ran the linear layers of each timed model (from the engine's last forward)."""
+    """Which kernels ran the linear layers of each timed model, at decode and at prefill."""
     rows = []
     for r in results:
-        kernels = (r["metrics"].get("speed") or {}).get("kernels") or {}
-        labels = sorted(set(kernels.values()))
-        rows.append([(r.get("recipe") or {}).get("name", "baseline"),
-                     "; ".join(labels) if labels else "-"])
-    return ("table", ["recipe", "linear-layer kernels"], rows)
+        speed = r["metrics"].get("speed") or {}
+        cells = []
+        for phases in (speed.get("decode") or [], speed.get("prefill") or []):
+            labels = sorted({label for p in phases for label in (p.get("kernels") or {}).values()})
+            cells.append("; ".join(labels) if labels else "-")
+        if cells == ["-", "-"]:  # results written before kernels were recorded per phase
+            cells[0] = "; ".join(sorted(set((speed.get("kernels") or {}).values()))) or "-"
+        rows.append([(r.get("recipe") or {}).get("name", "baseline"), *cells])
+    return ("table", ["recipe", "decode kernels", "prefill kernels"], rows)
 
 
 def _recipe_table(results: list[dict]) -> tuple:

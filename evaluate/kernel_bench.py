@@ -1,0 +1,158 @@
+"""Per-shape timing of the linear kernels `compress` can run, against bf16 `F.linear`: the evidence
+behind the kernel choices in compress/formats (which rows take tinygemm, the fused GEMV, or
+dequantize + cuBLAS). Decode-sized rows are timed compiled (as the engine's compiled decode step
+runs them), prefill-sized rows eagerly (as its prefill runs them).
+
+    python -m evaluate.kernel_bench --shape llama3-8b --rows 1,8,2048 --out kernels.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.formats.base import FUSED_GEMV_MAX_ROWS
+from compress.formats.fp8 import FP8Linear, fp8_capable
+from compress.formats.w8a8 import W8A8Linear
+from compress.quant.rtn import quantized_linear
+from compress.shapes import llama_config
+from evaluate.results import environment
+from evaluate.timing import time_it
+
+COMPILED_MAX_ROWS = 64  # rows up to this are decode batches: timed through torch.compile
+
+
+def linear_shapes(shape: str, kinds: list[str]) -> dict[str, tuple[int, int]]:
+    """(out, in) of each kind of decoder linear of a real model shape."""
+    c = llama_config(shape)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    shapes = {"q_proj": (c.num_attention_heads * head_dim, c.hidden_size),
+              "k_proj": (c.num_key_value_heads * head_dim, c.hidden_size),
+              "gate_proj": (c.intermediate_size, c.hidden_size),
+              "down_proj": (c.hidden_size, c.intermediate_size)}
+    return {k: shapes[k] for k in kinds}
+
+
+def candidates(out_features: int, in_features: int, group_size: int, device) -> dict:
+    """name -> a callable on bf16 activations: bf16 and every compressed format of one layer."""
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=False, device=device)
+    nn.init.normal_(linear.weight, std=0.02)  # random, never zeros
+    int4 = quantized_linear(linear, 4, group_size, True).to(torch.bfloat16)
+    int4.prepare_fast(torch.bfloat16)
+    found = {"int4": int4,
+             "int8": quantized_linear(linear, 8, 0, True).to(torch.bfloat16),
+             "w8a8 int8": W8A8Linear.from_float(linear)}
+    if int4._fast is not None:  # tinygemm at every size, to compare with what int4 chooses
+        found["int4 tinygemm forced"] = int4._fast
+    if fp8_capable(device):
+        found["fp8"] = FP8Linear.from_float(linear)
+    return {"bf16 F.linear": linear.to(torch.bfloat16), **found}
+
+
+def label(fn, compiled: bool) -> str:
+    if isinstance(fn, nn.Linear):
+        return "F.linear" if not compiled else "F.linear (compiled)"
+    kernel = getattr(fn, "compiled_kernel", None) if compiled else None
+    return kernel or getattr(fn, "kernel", None) or "torch._weight_int4pack_mm"
+
+
+def time_call(fn, x: torch.Tensor, device, calls: int, warmup: int, repeats: int) -> float:
+    """Median seconds per call, `calls` back-to-back calls per timed sample."""
+    def run():
+        for _ in range(calls):
+            fn(x)
+    return time_it(run, device, warmup, repeats)["median_s"] / calls
+
+
+def bench_shape(name: str, out_features: int, in_features: int, rows: list[int], group_size: int,
+                device, repeats: int) -> list[dict]:
+    found = candidates(out_features, in_features, group_size, device)
+    records = []
+    for m in rows:
+        x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
+        compiled = m <= COMPILED_MAX_ROWS and torch.device(device).type == "cuda"
+        calls = 20 if m <= COMPILED_MAX_ROWS else 3
+        row = {"linear": name, "out": out_features, "in": in_features, "rows": m,
+               "compiled": compiled, "us": {}, "kernel": {}}
+        for key, module in found.items():
+            if key == "int4 tinygemm forced" and m > COMPILED_MAX_ROWS and compiled:
+                continue
+            fn = module
+            if compiled:
+                torch.compiler.reset()  # one code object per layer class: keep under the limit
+                fn = torch.compile(module, dynamic=False)
+            try:
+                fn(x)  # compile, and set the eager labels
+                seconds = time_call(fn, x, device, calls, 2, repeats)
+            except Exception as exc:  # a kernel this GPU or torch lacks: say so, go on
+                row["kernel"][key] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:160]
+                continue
+            if compiled and not isinstance(module, nn.Linear) and hasattr(module, "kernel"):
+                module(x)  # one eager call for the labels (a compiled call does not set them)
+            row["us"][key] = seconds * 1e6
+            row["kernel"][key] = label(module, compiled)
+        base = row["us"].get("bf16 F.linear")
+        row["speedup"] = {k: base / v for k, v in row["us"].items()} if base else {}
+        records.append(row)
+        print(f"{name} {out_features}x{in_features} rows {m}: " + ", ".join(
+            f"{k} {v:.1f} us" for k, v in row["us"].items()), flush=True)
+    return records
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# Linear kernels: {doc['shape']} shapes on {doc['environment'].get('gpu')}", "",
+             f"Microseconds per call (median of {doc['repeats']}), speed-up over bf16 `F.linear` "
+             f"in brackets. Rows up to {COMPILED_MAX_ROWS} timed through `torch.compile` (as the "
+             "compiled decode step runs them), more rows eagerly (as the prefill runs them). "
+             f"int4: symmetric, group {doc['group_size']}; int8: per channel; the fused GEMV "
+             f"serves up to {FUSED_GEMV_MAX_ROWS} row(s) in a compiled step.", ""]
+    keys = sorted({k for r in doc["records"] for k in r["us"]} | {"bf16 F.linear"},
+                  key=lambda k: (k != "bf16 F.linear", k))
+    lines += ["| linear | rows | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for r in doc["records"]:
+        cells = [f"{r['us'][k]:.1f} ({r['speedup'].get(k, 0):.2f}x)" if k in r["us"] else
+                 ("failed" if k in r["kernel"] else "-") for k in keys]
+        lines.append(f"| {r['linear']} {r['out']}x{r['in']} | {r['rows']} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "| linear | rows | kernel of each column |", "|---|---|---|"]
+    for r in doc["records"]:
+        lines.append(f"| {r['linear']} | {r['rows']} | "
+                     + "; ".join(f"{k}: {v}" for k, v in r["kernel"].items()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama3-8b", help="random:<shape> name (llama3-8b)")
+    p.add_argument("--linears", default="gate_proj,down_proj",
+                   help="kinds: q_proj,k_proj,gate_proj,down_proj (default gate_proj,down_proj)")
+    p.add_argument("--rows", default="1,8,2048", help="activation rows (tokens), default 1,8,2048")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (128)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", required=True, help="JSON path; the Markdown goes beside it")
+    args = p.parse_args(argv)
+    rows = [int(r) for r in args.rows.split(",")]
+    records = []
+    with torch.inference_mode():
+        for name, (out_f, in_f) in linear_shapes(args.shape, args.linears.split(",")).items():
+            records += bench_shape(name, out_f, in_f, rows, args.group_size, args.device,
+                                   args.repeats)
+    doc = {"shape": args.shape, "group_size": args.group_size, "repeats": args.repeats,
+           "device": args.device, "environment": environment(), "records": records}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(markdown(doc))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
