@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.formats.base import FUSED_GEMV_MAX_ROWS
 from compress.formats.fp8 import FP8Linear, fp8_capable
 from compress.formats.w8a8 import W8A8Linear
 from compress.quant.rtn import quantized_linear
@@ -61,12 +60,30 @@ def label(fn, compiled: bool) -> str:
     return kernel or getattr(fn, "kernel", None) or "torch._weight_int4pack_mm"
 
 
-def time_call(fn, x: torch.Tensor, device, calls: int, warmup: int, repeats: int) -> float:
-    """Median seconds per call, `calls` back-to-back calls per timed sample."""
+def time_call(fn, x: torch.Tensor, device, calls: int, warmup: int,
+              repeats: int) -> tuple[float, str]:
+    """(median seconds per call, clock). On CUDA the `calls` calls are captured once in a CUDA
+    graph and replayed: a compiled call's host overhead (guards, launches: tens of microseconds)
+    would otherwise hide kernels that take as long, as it did in this tool's first H200 run.
+    Where capture fails, plain back-to-back calls, and the clock says so."""
     def run():
         for _ in range(calls):
             fn(x)
-    return time_it(run, device, warmup, repeats)["median_s"] / calls
+    timed, clock = run, "back-to-back calls (launch overhead included)"
+    if torch.device(device).type == "cuda":
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up off the default stream, as capture wants
+                run()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            timed, clock = graph.replay, "CUDA graph replay"
+        except Exception:  # not capturable: time the calls as they are
+            torch.cuda.synchronize()
+    return time_it(timed, device, warmup, repeats)["median_s"] / calls, clock
 
 
 def bench_shape(name: str, out_features: int, in_features: int, rows: list[int], group_size: int,
@@ -78,7 +95,7 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
         compiled = m <= COMPILED_MAX_ROWS and torch.device(device).type == "cuda"
         calls = 20 if m <= COMPILED_MAX_ROWS else 3
         row = {"linear": name, "out": out_features, "in": in_features, "rows": m,
-               "compiled": compiled, "us": {}, "kernel": {}}
+               "compiled": compiled, "us": {}, "kernel": {}, "clock": {}}
         for key, module in found.items():
             if key == "int4 tinygemm forced" and m > COMPILED_MAX_ROWS and compiled:
                 continue
@@ -88,7 +105,7 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
                 fn = torch.compile(module, dynamic=False)
             try:
                 fn(x)  # compile, and set the eager labels
-                seconds = time_call(fn, x, device, calls, 2, repeats)
+                seconds, row["clock"][key] = time_call(fn, x, device, calls, 2, repeats)
             except Exception as exc:  # a kernel this GPU or torch lacks: say so, go on
                 row["kernel"][key] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:160]
                 continue
@@ -105,12 +122,17 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
 
 
 def markdown(doc: dict) -> str:
-    lines = [f"# Linear kernels: {doc['shape']} shapes on {doc['environment'].get('gpu')}", "",
+    env = doc["environment"]
+    where = env.get("gpu") if str(doc["device"]).startswith("cuda") else \
+        f"CPU ({env.get('cpu')}, {env.get('threads')} threads): not a GPU figure"
+    lines = [f"# Linear kernels: {doc['shape']} shapes on {where}", "",
              f"Microseconds per call (median of {doc['repeats']}), speed-up over bf16 `F.linear` "
-             f"in brackets. Rows up to {COMPILED_MAX_ROWS} timed through `torch.compile` (as the "
-             "compiled decode step runs them), more rows eagerly (as the prefill runs them). "
-             f"int4: symmetric, group {doc['group_size']}; int8: per channel; the fused GEMV "
-             f"serves up to {FUSED_GEMV_MAX_ROWS} row(s) in a compiled step.", ""]
+             f"in brackets. On CUDA, rows up to {COMPILED_MAX_ROWS} are timed through "
+             "`torch.compile` (as the compiled decode step runs them), more rows eagerly (as the "
+             "prefill runs them); on the CPU everything runs eagerly. "
+             f"int4: symmetric, group {doc['group_size']}; int8: per channel. Clocks: "
+             f"{', '.join(sorted({c for r in doc['records'] for c in r.get('clock', {}).values()}))}"
+             ".", ""]
     keys = sorted({k for r in doc["records"] for k in r["us"]} | {"bf16 F.linear"},
                   key=lambda k: (k != "bf16 F.linear", k))
     lines += ["| linear | rows | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]

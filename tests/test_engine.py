@@ -129,3 +129,26 @@ def test_kv_cache_bytes_are_the_static_allocation(lively):
     expected = 2 * config.num_hidden_layers * 3 * config.num_key_value_heads * 40 * \
         config.head_dim * 4
     assert engine.kv_cache_bytes() == expected
+
+
+def test_engines_compiled_one_after_another_stay_under_dynamo_limits(lively, monkeypatch):
+    """A sweep compiles one engine per model in one process; each compile starts afresh, so the
+    n-th model does not fail with FailOnRecompileLimitHit (as the fifth did on an H200)."""
+    import copy
+
+    import torch._dynamo
+
+    from compress.recipe import apply_recipe, recipe_from_dict
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    ids = random_tokens(1, 6, 256, "cpu", seed=7)
+    for bits in (None, 8, 4):  # different layer classes: the guards of a compiled step fail
+        model = copy.deepcopy(lively)
+        if bits:
+            model = apply_recipe(model, recipe_from_dict(
+                {"passes": [{"pass": "rtn", "bits": bits, "group_size": 32}]}, "rtn"))
+        eager, compiled = Engine(model), Engine(model)
+        eager.allocate(1, 16)
+        compiled.allocate(1, 16)
+        compiled.compile_decode()
+        assert torch.equal(compiled.generate(ids, 5).tokens, eager.generate(ids, 5).tokens)

@@ -78,8 +78,8 @@ def test_cpu_kernels_are_used_only_where_they_win(bits, group_size):
 @pytest.mark.parametrize("out_features,in_features", [(1536, 576), (4096, 4096), (96, 1024)])
 def test_cuda_paths_agree_with_the_reference(bits, group_size, eager_kernel, out_features,
                                              in_features):
-    """Eager: tinygemm (int4) up to 64 rows, else dequantize + cuBLAS; compiled: one row runs the
-    fused dequantize-GEMV. Every path against the float32 reference, on widths that are not
+    """Eager: tinygemm (int4) up to 64 rows, else dequantize + cuBLAS; compiled: one row of int8
+    runs the fused dequantize-GEMV. Every path against the float32 reference, on widths that are not
     multiples of the kernels' tiles too (576)."""
     if group_size and in_features % group_size:
         pytest.skip("group size must divide the width")
@@ -93,7 +93,8 @@ def test_cuda_paths_agree_with_the_reference(bits, group_size, eager_kernel, out
         assert q.kernel == (eager_kernel if rows <= 64 else "reference")
         assert (fast - ref).norm() / ref.norm() < 1e-2
         if rows <= 8:
-            assert q.compiled_kernel == (FUSED_GEMV if rows == 1 else q.kernel)
+            fused = rows <= q.fused_gemv_rows  # int8: one row; int4: never (tinygemm won)
+            assert q.compiled_kernel == (FUSED_GEMV if fused else q.kernel)
             out = compiled(x).float()
             assert (out - ref).norm() / ref.norm() < 1e-2
 
@@ -107,3 +108,16 @@ def test_storage_is_really_smaller(bits):
     # codes: bits/8 bytes per weight; scales: one float32 per 64 weights.
     assert stored == layer.weight.numel() * bits // 8 + 256 * (512 // 64) * 4
     assert stored < float_bytes * (bits / 32 + 0.07)
+
+
+def test_fused_gemv_is_the_float32_matmul_with_bias():
+    """The formula compiled into the int8 decode kernel on CUDA, checked eagerly here."""
+    from compress.formats.base import fused_gemv
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 1, 96, dtype=torch.bfloat16)
+    w, b = torch.randn(40, 96), torch.randn(40)
+    out = fused_gemv(x, w, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 40)
+    ref = torch.nn.functional.linear(x.float(), w, b)
+    assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2)

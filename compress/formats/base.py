@@ -15,10 +15,12 @@ CPU_KERNEL_MAX_ROWS = 64
 # Above this many rows (tokens) CUDA's int4 tinygemm loses to dequantize + cuBLAS: issue 5
 # measured its prefill many times slower than bf16.
 CUDA_KERNEL_MAX_ROWS = 64
-# Inside a compiled decode step on CUDA, a single row (batch-1 decode) runs as one inductor
-# reduction that reads the stored codes and dequantizes them in registers (`fused_gemv`): the
-# only weight traffic is the codes and scales. With more rows each row re-reads the codes.
-FUSED_GEMV_MAX_ROWS = 1
+# Inside a compiled decode step on CUDA, a layer class with `fused_gemv_rows` > 0 runs that many
+# rows or fewer as one inductor reduction that reads the stored codes and dequantizes them in
+# registers (`fused_gemv`). Measured on an H200, Llama-3-8B shape, batch-1 decode, compiled with
+# CUDA graphs (reports/h200-llama3-8b): int8 6.74 ms/token with it against 56.4 with
+# _weight_int8pack_mm (bf16: 5.78), so Int8Linear uses it for one row; int4 14.5 ms with it
+# against 3.79 with tinygemm, so Int4Linear does not. With more rows each row re-reads the codes.
 FUSED_GEMV = "inductor fused dequantize-GEMV (compiled)"
 
 
@@ -50,9 +52,9 @@ def rows_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def use_fused_gemv(x: torch.Tensor) -> bool:
-    """Whether a weight-only layer takes `fused_gemv` for `x`: compiled, on CUDA, one row."""
-    return x.is_cuda and torch.compiler.is_compiling() and rows_of(x) <= FUSED_GEMV_MAX_ROWS
+def use_fused_gemv(x: torch.Tensor, max_rows: int) -> bool:
+    """Whether a weight-only layer takes `fused_gemv` for `x`: compiled, on CUDA, few rows."""
+    return x.is_cuda and torch.compiler.is_compiling() and rows_of(x) <= max_rows
 
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -75,6 +77,7 @@ class QuantizedLinear(nn.Module):
     """
 
     format = "base"
+    fused_gemv_rows = 0  # rows that a compiled CUDA forward runs through `fused_gemv`
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  symmetric: bool, bias: bool, dtype: torch.dtype):
@@ -116,7 +119,7 @@ class QuantizedLinear(nn.Module):
         same rows runs (a compiled step cannot update these labels itself)."""
         if not torch.compiler.is_compiling():
             self.kernel = eager
-            fused = x.is_cuda and rows_of(x) <= FUSED_GEMV_MAX_ROWS
+            fused = x.is_cuda and rows_of(x) <= self.fused_gemv_rows
             self.compiled_kernel = FUSED_GEMV if fused else eager
 
     def extra_repr(self) -> str:

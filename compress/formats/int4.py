@@ -2,17 +2,17 @@
 
 Storage: `qweight` uint8 [out, in/2], column 2j in the low nibble and 2j+1 in the high one;
 `scales` [out, groups] in the model dtype; `zeros` uint8 [out, groups] (asymmetric only; the
-symmetric zero point is 8). Kernels: on CUDA, one row inside a compiled step runs
-`fused_gemv` (codes read once, unpacked and scaled in registers); up to CUDA_KERNEL_MAX_ROWS
-rows run tinygemm (compress/formats/int4_kernels.py, its own layout built from these buffers);
-the rest dequantize (one fused kernel on CUDA) and run the float matmul.
+symmetric zero point is 8). Kernels: up to CUDA_KERNEL_MAX_ROWS rows, tinygemm
+(compress/formats/int4_kernels.py, its own layout built from these buffers; inductor's fused
+dequantize-GEMV was 3.8x slower for the Llama-3-8B shape on an H200); more rows dequantize (one
+fused kernel on CUDA) and run the float matmul.
 """
 from __future__ import annotations
 
 import torch
 
 from compress.formats import grid
-from compress.formats.base import QuantizedLinear, fused_gemv, fused_on_cuda, use_fused_gemv
+from compress.formats.base import QuantizedLinear, fused_on_cuda
 
 SYMMETRIC_ZERO = 8
 
@@ -76,8 +76,6 @@ class Int4Linear(QuantizedLinear):
         self._fast_key = (self.qweight.device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fused_gemv(x):
-            return fused_gemv(x, self.dequantize(torch.float32), self.bias)
         if not torch.compiler.is_compiling() and \
                 getattr(self, "_fast_key", None) != (self.qweight.device, x.dtype):
             self.prepare_fast(x.dtype)

@@ -1,0 +1,32 @@
+"""evaluate/kernel_bench.py on the CPU at a toy shape: one record per (linear, rows), bf16 as the
+unit of the speed-ups, and each format's kernel choice as compress/formats makes it."""
+import json
+
+from evaluate.kernel_bench import linear_shapes, main
+
+
+def test_linear_shapes_follow_the_config():
+    shapes = linear_shapes("llama3-8b", ["q_proj", "k_proj", "gate_proj", "down_proj"])
+    assert shapes == {"q_proj": (4096, 4096), "k_proj": (1024, 4096),
+                      "gate_proj": (14336, 4096), "down_proj": (4096, 14336)}
+
+
+def test_kernel_bench_writes_every_shape_and_kernel(tmp_path):
+    out = tmp_path / "k.json"
+    assert main(["--shape", "tiny", "--linears", "gate_proj,down_proj", "--rows", "1,200",
+                 "--group-size", "32", "--device", "cpu", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    records = doc["records"]
+    assert [(r["linear"], r["rows"]) for r in records] == [
+        ("gate_proj", 1), ("gate_proj", 200), ("down_proj", 1), ("down_proj", 200)]
+    for r in records:
+        assert r["speedup"]["bf16 F.linear"] == 1.0
+        assert {"bf16 F.linear", "int4", "int8", "w8a8 int8"} <= set(r["us"])
+        assert all(v > 0 for v in r["us"].values())
+        # bf16 activations on the CPU: torch's weight-only kernels for decode rows only.
+        small = r["rows"] <= 64
+        assert r["kernel"]["int8"] == ("torch._weight_int8pack_mm" if small else "reference")
+        assert r["kernel"]["int4"] == ("torch._weight_int4pack_mm_for_cpu" if small
+                                       else "reference")
+    assert "not a GPU figure" in (tmp_path / "k.md").read_text()
