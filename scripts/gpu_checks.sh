@@ -7,6 +7,7 @@
 #   bash scripts/gpu_checks.sh sweep      # int8 / int4 / W8A8 / FP8 / 2:4 / structured vs bf16, with
 #                                         # speed-up verdicts (issues 5, 6, 7)
 #   bash scripts/gpu_checks.sh gptq       # GPTQ of the 8B shape, layers offloaded to the CPU (issue 4)
+#   bash scripts/gpu_checks.sh triton     # the Triton GEMV's GPU tests, int4 / int8 decode with it
 #   bash scripts/gpu_checks.sh short      # what one 15-minute lease holds: the kernel tests, the
 #                                         # per-shape kernel timings, bf16 / int4 / int8 / FP8 /
 #                                         # W8A8 / 2:4 / structured at batch 1, bf16 against HF
@@ -94,6 +95,17 @@ if [ "$STAGE" = short ]; then
     fi
     tar czf "$OUT/gpu-short.tgz" -C "$WORK" .
     cp "$WORK"/*.log "$WORK/machine.txt" "$OUT"/ 2>/dev/null || true
+fi
+if run_stage triton; then
+    # The Triton GEMV (compress/formats/triton_gemv.py) for one-row decode: its GPU tests, then
+    # int4 / int8 at batch 1 with it, against bf16 (compare with the `short` stage's figures).
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gemv.py 2>&1 \
+        | tee "$OUT/triton-tests.log" || true
+    [ -n "${SMALL:-}" ] && INT4=recipes/int4-g64-sym.yaml || INT4=recipes/int4-g128-sym.yaml
+    compress sweep "$INT4" recipes/int8-channel.yaml --model "$MODEL" --device "$DEVICE" \
+        --corpus random --windows 1 --seq-len 512 --bench "${COMPILE[@]}" --bench-batch 1 \
+        "${SWEEP_B1[@]}" --bench-decode-kernel int4=triton,int8=triton --out "$OUT/sweep-triton" \
+        --overwrite --title "$MODEL on $DEVICE, batch 1: int4 / int8 with the Triton GEMV" || true
 fi
 if run_stage gptq; then
     # The model waits on the CPU; each layer is calibrated on the GPU (peak GPU memory printed).

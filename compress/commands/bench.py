@@ -30,6 +30,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--semi-structured", action="store_true",
                    help="on CUDA, run a 2:4-pruned model's linears as semi-structured sparse "
                         "tensors (cuSPARSELt/CUTLASS); dense models are unchanged")
+    p.add_argument("--decode-kernel", default="", metavar="FORMAT=KERNEL[,...]",
+                   help="one-row decode kernel per layer format instead of the measured default, "
+                        "e.g. int4=triton,int8=triton (compress/formats/triton_gemv.py); layers "
+                        "of other formats keep theirs")
     p.add_argument("--peers", default="hf",
                    help=f"comma list of peers or 'none' (default hf); allowed: {', '.join(PEERS)}")
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs (default 2)")
@@ -61,6 +65,17 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(shapes)
 
 
+def parse_decode_kernels(text: str, what: str = "--decode-kernel") -> tuple[tuple[str, str], ...]:
+    """'int4=triton,int8=triton' -> (("int4", "triton"), ("int8", "triton"))."""
+    pairs = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        fmt, sep, kernel = item.partition("=")
+        if not sep or not fmt.strip() or not kernel.strip():
+            raise UserError(f"{what} takes FORMAT=KERNEL pairs, e.g. int4=triton; got {item!r}")
+        pairs.append((fmt.strip(), kernel.strip()))
+    return tuple(pairs)
+
+
 def parse_peers(text: str) -> tuple[str, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
@@ -74,7 +89,8 @@ def run(args) -> int:
     cfg = BenchConfig(batches=parse_ints(args.batch, "--batch"), prompt=args.prompt, new=args.new,
                       prefill=parse_shapes(args.prefill), compile=args.compile,
                       warmup=args.warmup, repeats=args.repeats, peers=parse_peers(args.peers),
-                      semi_structured=args.semi_structured)
+                      semi_structured=args.semi_structured,
+                      decode_kernels=parse_decode_kernels(args.decode_kernel))
     if args.out:
         check_output(args.out, args.overwrite)  # fail before minutes of measuring
     doc = run_bench(args.model, cfg, args.device, dtype, progress=lambda m: print(m, flush=True))

@@ -78,6 +78,8 @@ class QuantizedLinear(nn.Module):
 
     format = "base"
     fused_gemv_rows = 0  # rows that a compiled CUDA forward runs through `fused_gemv`
+    decode_kernels = ("auto",)  # what set_decode_kernel accepts
+    _triton = None  # the Triton GEMV's launch plan, once chosen
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  symmetric: bool, bias: bool, dtype: torch.dtype):
@@ -114,13 +116,45 @@ class QuantizedLinear(nn.Module):
         self.kernel = "reference"
         return self.reference_forward(x)
 
-    def label(self, eager: str, x: torch.Tensor) -> None:
+    def set_decode_kernel(self, name: str) -> None:
+        """The kernel for one row of activations: 'auto' (what measurements chose) or, where the
+        format has it, 'triton' (compress/formats/triton_gemv.py, still to be measured)."""
+        from compress.errors import UserError, choices
+
+        if name not in self.decode_kernels:
+            raise UserError(f"{self.format} layers have no decode kernel {name!r} "
+                            f"({choices(self.decode_kernels)})")
+        self._triton = None
+        if name == "triton":
+            from compress.formats import triton_gemv
+
+            reason = triton_gemv.available(self.qweight.device)
+            if reason:
+                raise UserError(f"decode kernel 'triton' unavailable: {reason}")
+            try:
+                self._triton = triton_gemv.plan(self.out_features, self.in_features, self.bits,
+                                                self.group_size, self.qweight.device)
+            except ValueError as exc:
+                raise UserError(f"decode kernel 'triton' unavailable: {exc}") from None
+
+    def triton_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The Triton GEMV's output for one row when it was chosen, else None."""
+        if self._triton is None or rows_of(x) != 1:
+            return None
+        from compress.formats.triton_gemv import TRITON_GEMV
+
+        self.label(TRITON_GEMV, x, compiled=TRITON_GEMV)
+        out = self._triton(x, self.qweight, self.scales, self.zeros)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def label(self, eager: str, x: torch.Tensor, compiled: str | None = None) -> None:
         """Record the kernel an eager forward ran on `x`, and the one a compiled forward of the
         same rows runs (a compiled step cannot update these labels itself)."""
         if not torch.compiler.is_compiling():
             self.kernel = eager
             fused = x.is_cuda and rows_of(x) <= self.fused_gemv_rows
-            self.compiled_kernel = FUSED_GEMV if fused else eager
+            self.compiled_kernel = compiled or (FUSED_GEMV if fused else eager)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "

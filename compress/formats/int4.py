@@ -33,6 +33,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 class Int4Linear(QuantizedLinear):
     format = "int4"
+    decode_kernels = ("auto", "triton")
 
     def _register_storage(self, dtype: torch.dtype) -> None:
         groups = grid.group_count(self.in_features, self.group_size)
@@ -76,6 +77,9 @@ class Int4Linear(QuantizedLinear):
         self._fast_key = (self.qweight.device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.triton_forward(x)
+        if out is not None:
+            return out
         if not torch.compiler.is_compiling() and \
                 getattr(self, "_fast_key", None) != (self.qweight.device, x.dtype):
             self.prepare_fast(x.dtype)

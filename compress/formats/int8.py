@@ -23,6 +23,7 @@ OFFSET = 128
 class Int8Linear(QuantizedLinear):
     format = "int8"
     fused_gemv_rows = 1
+    decode_kernels = ("auto", "triton")
 
     def _register_storage(self, dtype: torch.dtype) -> None:
         groups = grid.group_count(self.in_features, self.group_size)
@@ -57,6 +58,9 @@ class Int8Linear(QuantizedLinear):
                                dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.triton_forward(x)
+        if out is not None:
+            return out
         if use_fused_gemv(x, self.fused_gemv_rows):
             return fused_gemv(x, self.dequantize(torch.float32), self.bias)
         if self.symmetric and self.group_size == 0 and x.dtype == self.scales.dtype and \
