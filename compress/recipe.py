@@ -60,7 +60,7 @@ class BenchSettings:
     repeats: int = 5
     compile: bool = False
     semi_structured: bool = False
-    decode_kernel: str = ""  # FORMAT=KERNEL pairs, e.g. "int4=triton"; "" keeps the defaults
+    kernel: str = ""  # FORMAT=KERNEL pairs, e.g. "int4=triton"; "" keeps the measured defaults
 
 
 @dataclass

@@ -32,9 +32,9 @@ class BenchConfig:
     # On CUDA, swap the weights of a 2:4-pruned model for torch's semi-structured sparse tensors
     # (cuSPARSELt / CUTLASS) before timing; dense models are left as they are.
     semi_structured: bool = False
-    # (format, kernel) pairs: run one-row decode of those layers with another kernel, e.g.
-    # (("int4", "triton"),); QuantizedLinear.set_decode_kernel checks and applies them.
-    decode_kernels: tuple[tuple[str, str], ...] = ()
+    # (format, kernel) pairs: run the layers of that format with another kernel than the measured
+    # default, e.g. (("int4", "triton"),); QuantizedLinear.set_kernel checks and applies them.
+    kernel_choices: tuple[tuple[str, str], ...] = ()
     copy_bytes: int | None = None   # default: 2 GiB on CUDA, 64 MiB on CPU
     matmul_n: int | None = None     # default: 8192 on CUDA, 1024 on CPU
     extra: dict = field(default_factory=dict)
@@ -59,7 +59,7 @@ class BenchConfig:
                 "token loop included, first token from the prefill not counted",
                 "inputs": "random token ids in [1, vocab)", "compile": self.compile,
                 "semi_structured": self.semi_structured,
-                "decode_kernels": dict(self.decode_kernels), "device": str(device)}
+                "kernel_choices": dict(self.kernel_choices), "device": str(device)}
 
 
 def measure_ceilings(cfg: BenchConfig, device, dtype: torch.dtype) -> dict:
@@ -73,14 +73,14 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
     """One row: our engine on `model` (already on `device`, eval mode)."""
     semi = cfg.semi_structured and is_cuda(device) and is_2of4_model(model)
     converted = materialize_2of4(model) if semi else []
-    chosen = choose_decode_kernels(model, cfg.decode_kernels)
+    chosen = choose_kernels(model, cfg.kernel_choices)
     engine = Engine(model)
     vocab = model.config.vocab_size
     weights = weight_bytes(model)
     row = {"name": name, "runner": "compress engine (static cache, own token loop)",
            "compiled": cfg.compile, "parameters": parameter_count(model),
            "weight_bytes": weights, "semi_structured_linears": len(converted),
-           "decode_kernel_layers": chosen,
+           "kernel_choice_layers": chosen,
            "prefill": [], "decode": []}
     matmul = ceil["matmul"]["flop_per_s"]
     for batch, length in cfg.prefill:
@@ -106,7 +106,7 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
     return row
 
 
-def choose_decode_kernels(model: nn.Module, choices: tuple[tuple[str, str], ...]) -> int:
+def choose_kernels(model: nn.Module, choices: tuple[tuple[str, str], ...]) -> int:
     """Set each (format, kernel) choice on every quantized layer of that format; layers of other
     formats (a sweep's baseline, say) keep theirs. Returns how many layers were set."""
     from compress.formats.base import QuantizedLinear
@@ -114,7 +114,7 @@ def choose_decode_kernels(model: nn.Module, choices: tuple[tuple[str, str], ...]
     chosen = dict(choices)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.format in chosen]
     for layer in layers:
-        layer.set_decode_kernel(chosen[layer.format])
+        layer.set_kernel(chosen[layer.format])
     return len(layers)
 
 

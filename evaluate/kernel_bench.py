@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.formats import triton_gemv
+from compress.formats import triton_kernels
 from compress.formats.fp8 import FP8Linear, fp8_capable
 from compress.formats.w8a8 import W8A8Linear
 from compress.quant.rtn import quantized_linear
@@ -50,11 +50,11 @@ def candidates(out_features: int, in_features: int, group_size: int, device) -> 
              "w8a8 int8": W8A8Linear.from_float(linear)}
     if int4._fast is not None:  # tinygemm at every size, to compare with what int4 chooses
         found["int4 tinygemm forced"] = int4._fast
-    if triton_gemv.available(torch.device(device)) is None:  # one row only (see bench_shape)
-        for name in ("int4", "int8"):
+    if triton_kernels.available(torch.device(device)) is None:  # GEMV, GEMM (int4: 2-64 rows
+        for name in ("int4", "int8"):                           # stay on tinygemm)
             chosen = copy.deepcopy(found[name])
-            chosen.set_decode_kernel("triton")
-            found[f"{name} triton GEMV"] = chosen
+            chosen.set_kernel("triton")
+            found[f"{name} triton"] = chosen
     if fp8_capable(device):
         found["fp8"] = FP8Linear.from_float(linear)
     return {"bf16 F.linear": linear.to(torch.bfloat16), **found}
@@ -104,8 +104,6 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
         row = {"linear": name, "out": out_features, "in": in_features, "rows": m,
                "compiled": compiled, "us": {}, "kernel": {}, "clock": {}}
         for key, module in found.items():
-            if key.endswith("triton GEMV") and m != 1:
-                continue
             fn = module
             if compiled:
                 torch.compiler.reset()  # one code object per layer class: keep under the limit

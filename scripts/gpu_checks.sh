@@ -7,7 +7,7 @@
 #   bash scripts/gpu_checks.sh sweep      # int8 / int4 / W8A8 / FP8 / 2:4 / structured vs bf16, with
 #                                         # speed-up verdicts (issues 5, 6, 7)
 #   bash scripts/gpu_checks.sh gptq       # GPTQ of the 8B shape, layers offloaded to the CPU (issue 4)
-#   bash scripts/gpu_checks.sh triton     # the Triton GEMV's GPU tests, int4 / int8 decode with it
+#   bash scripts/gpu_checks.sh triton     # the Triton GEMV / GEMM: GPU tests, int4 / int8 with them
 #   bash scripts/gpu_checks.sh short      # what one 15-minute lease holds: the kernel tests, the
 #                                         # per-shape kernel timings, bf16 / int4 / int8 / FP8 /
 #                                         # W8A8 / 2:4 / structured at batch 1, bf16 against HF
@@ -97,15 +97,15 @@ if [ "$STAGE" = short ]; then
     cp "$WORK"/*.log "$WORK/machine.txt" "$OUT"/ 2>/dev/null || true
 fi
 if run_stage triton; then
-    # The Triton GEMV (compress/formats/triton_gemv.py) for one-row decode: its GPU tests, then
-    # int4 / int8 at batch 1 with it, against bf16 (compare with the `short` stage's figures).
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gemv.py 2>&1 \
+    # The Triton GEMV and GEMM (compress/formats/triton_kernels.py): their GPU tests, then int4 /
+    # int8 at batch 1 and prefill 1x2048 with them, against bf16 (compare with `short`'s figures).
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_kernels.py 2>&1 \
         | tee "$OUT/triton-tests.log" || true
     [ -n "${SMALL:-}" ] && INT4=recipes/int4-g64-sym.yaml || INT4=recipes/int4-g128-sym.yaml
     compress sweep "$INT4" recipes/int8-channel.yaml --model "$MODEL" --device "$DEVICE" \
         --corpus random --windows 1 --seq-len 512 --bench "${COMPILE[@]}" --bench-batch 1 \
-        "${SWEEP_B1[@]}" --bench-decode-kernel int4=triton,int8=triton --out "$OUT/sweep-triton" \
-        --overwrite --title "$MODEL on $DEVICE, batch 1: int4 / int8 with the Triton GEMV" || true
+        "${SWEEP_B1[@]}" --bench-kernel int4=triton,int8=triton --out "$OUT/sweep-triton" \
+        --overwrite --title "$MODEL on $DEVICE, batch 1: int4 / int8 with the Triton kernels" || true
 fi
 if run_stage gptq; then
     # The model waits on the CPU; each layer is calibrated on the GPU (peak GPU memory printed).

@@ -65,13 +65,13 @@ def test_bench_on_cpu_writes_every_figure(tmp_path):
     assert prefill["kernels"] == one["kernels"] == row["kernels"]   # float: one kernel everywhere
 
 
-def test_decode_kernel_choices_reach_the_layers_and_bad_ones_are_refused(tiny_model, capsys):
+def test_kernel_choices_reach_the_layers_and_bad_ones_are_refused(tiny_model, capsys):
     from compress.formats.base import QuantizedLinear
-    from evaluate.bench import choose_decode_kernels
+    from evaluate.bench import choose_kernels
 
     model = rtn(tiny_model, RTNConfig(bits=4, group_size=32))
-    assert choose_decode_kernels(model, (("int8", "auto"),)) == 0   # no int8 layers: untouched
-    assert choose_decode_kernels(model, (("int4", "auto"),)) == 14  # 2 layers x 7 linears
+    assert choose_kernels(model, (("int8", "auto"),)) == 0   # no int8 layers: untouched
+    assert choose_kernels(model, (("int4", "auto"),)) == 14  # 2 layers x 7 linears
     assert all(m._triton is None for m in model.modules() if isinstance(m, QuantizedLinear))
-    assert main(["bench", "random:tiny", "--decode-kernel", "int4", "--peers", "none"]) == 2
+    assert main(["bench", "random:tiny", "--kernel", "int4", "--peers", "none"]) == 2
     assert "FORMAT=KERNEL" in capsys.readouterr().err

@@ -30,10 +30,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--semi-structured", action="store_true",
                    help="on CUDA, run a 2:4-pruned model's linears as semi-structured sparse "
                         "tensors (cuSPARSELt/CUTLASS); dense models are unchanged")
-    p.add_argument("--decode-kernel", default="", metavar="FORMAT=KERNEL[,...]",
-                   help="one-row decode kernel per layer format instead of the measured default, "
-                        "e.g. int4=triton,int8=triton (compress/formats/triton_gemv.py); layers "
-                        "of other formats keep theirs")
+    p.add_argument("--kernel", default="", metavar="FORMAT=KERNEL[,...]",
+                   help="kernel per layer format instead of the measured default, e.g. "
+                        "int4=triton,int8=triton (compress/formats/triton_kernels.py: a GEMV for one "
+                        "row, a dequantizing GEMM for many); layers of other formats keep theirs")
     p.add_argument("--peers", default="hf",
                    help=f"comma list of peers or 'none' (default hf); allowed: {', '.join(PEERS)}")
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs (default 2)")
@@ -65,7 +65,7 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(shapes)
 
 
-def parse_decode_kernels(text: str, what: str = "--decode-kernel") -> tuple[tuple[str, str], ...]:
+def parse_kernel_choices(text: str, what: str = "--kernel") -> tuple[tuple[str, str], ...]:
     """'int4=triton,int8=triton' -> (("int4", "triton"), ("int8", "triton"))."""
     pairs = []
     for item in (i.strip() for i in text.split(",") if i.strip()):
@@ -90,7 +90,7 @@ def run(args) -> int:
                       prefill=parse_shapes(args.prefill), compile=args.compile,
                       warmup=args.warmup, repeats=args.repeats, peers=parse_peers(args.peers),
                       semi_structured=args.semi_structured,
-                      decode_kernels=parse_decode_kernels(args.decode_kernel))
+                      kernel_choices=parse_kernel_choices(args.kernel))
     if args.out:
         check_output(args.out, args.overwrite)  # fail before minutes of measuring
     doc = run_bench(args.model, cfg, args.device, dtype, progress=lambda m: print(m, flush=True))

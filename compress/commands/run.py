@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compress.checkpoint import check_output
 from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
-from compress.commands.bench import parse_decode_kernels, parse_ints, parse_shapes
+from compress.commands.bench import parse_kernel_choices, parse_ints, parse_shapes
 from compress.commands.quantize import print_summary
 from compress.commands.sweep import Measure
 from compress.errors import UserError
@@ -64,5 +64,5 @@ def bench_from_settings(settings) -> BenchConfig:
                        prefill=parse_shapes(settings.prefill), compile=settings.compile,
                        warmup=settings.warmup, repeats=settings.repeats,
                        semi_structured=settings.semi_structured,
-                       decode_kernels=parse_decode_kernels(settings.decode_kernel,
-                                                           "bench.decode_kernel"))
+                       kernel_choices=parse_kernel_choices(settings.kernel,
+                                                           "bench.kernel"))

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from compress.checkpoint import atomic_output_dir, check_output
 from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
-from compress.commands.bench import parse_decode_kernels, parse_ints, parse_shapes
+from compress.commands.bench import parse_kernel_choices, parse_ints, parse_shapes
 from compress.errors import UserError
 from compress.pipeline import Session, compress_model, evaluate, evaluation_windows
 from compress.recipe import load_recipe
@@ -57,9 +57,9 @@ def add_parser(subparsers) -> None:
     b.add_argument("--bench-warmup", type=int, default=2, help="warm-up runs (2)")
     b.add_argument("--bench-repeats", type=int, default=5, help="timed runs, median kept (5)")
     b.add_argument("--compile", action="store_true", help="compile the decode step")
-    b.add_argument("--bench-decode-kernel", default="", metavar="FORMAT=KERNEL[,...]",
-                   help="one-row decode kernel per layer format, e.g. int4=triton; layers of "
-                        "other formats keep theirs")
+    b.add_argument("--bench-kernel", default="", metavar="FORMAT=KERNEL[,...]",
+                   help="kernel per layer format instead of the measured default, e.g. "
+                        "int4=triton; layers of other formats keep theirs")
     b.add_argument("--bench-semi-structured", action="store_true",
                    help="on CUDA, time 2:4-pruned recipes with semi-structured sparse weights")
     p.set_defaults(run=run)
@@ -75,8 +75,8 @@ def bench_config(args):
                        prefill=parse_shapes(args.bench_prefill), compile=args.compile,
                        warmup=args.bench_warmup, repeats=args.bench_repeats,
                        semi_structured=args.bench_semi_structured,
-                       decode_kernels=parse_decode_kernels(args.bench_decode_kernel,
-                                                           "--bench-decode-kernel"))
+                       kernel_choices=parse_kernel_choices(args.bench_kernel,
+                                                           "--bench-kernel"))
 
 
 def load_recipes(args) -> list:

@@ -78,8 +78,9 @@ class QuantizedLinear(nn.Module):
 
     format = "base"
     fused_gemv_rows = 0  # rows that a compiled CUDA forward runs through `fused_gemv`
-    decode_kernels = ("auto",)  # what set_decode_kernel accepts
-    _triton = None  # the Triton GEMV's launch plan, once chosen
+    kernel_choices = ("auto",)  # what set_kernel accepts
+    triton_gemm_min_rows = 2  # with 'triton': rows from here on take its GEMM (one row its GEMV)
+    _triton = None  # the Triton kernels' launch plans, once chosen
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  symmetric: bool, bias: bool, dtype: torch.dtype):
@@ -116,35 +117,40 @@ class QuantizedLinear(nn.Module):
         self.kernel = "reference"
         return self.reference_forward(x)
 
-    def set_decode_kernel(self, name: str) -> None:
-        """The kernel for one row of activations: 'auto' (what measurements chose) or, where the
-        format has it, 'triton' (compress/formats/triton_gemv.py, still to be measured)."""
+    def set_kernel(self, name: str) -> None:
+        """'auto' (the kernels measurements chose) or, where the format has it, 'triton'
+        (compress/formats/triton_kernels.py: a GEMV for one row, a dequantizing GEMM for
+        `triton_gemm_min_rows` rows or more; still to be measured on a GPU)."""
         from compress.errors import UserError, choices
 
-        if name not in self.decode_kernels:
-            raise UserError(f"{self.format} layers have no decode kernel {name!r} "
-                            f"({choices(self.decode_kernels)})")
+        if name not in self.kernel_choices:
+            raise UserError(f"{self.format} layers have no kernel {name!r} "
+                            f"({choices(self.kernel_choices)})")
         self._triton = None
         if name == "triton":
-            from compress.formats import triton_gemv
+            from compress.formats import triton_kernels
 
-            reason = triton_gemv.available(self.qweight.device)
+            reason = triton_kernels.available(self.qweight.device)
             if reason:
-                raise UserError(f"decode kernel 'triton' unavailable: {reason}")
+                raise UserError(f"kernel 'triton' unavailable: {reason}")
             try:
-                self._triton = triton_gemv.plan(self.out_features, self.in_features, self.bits,
-                                                self.group_size, self.qweight.device)
+                self._triton = triton_kernels.plan(
+                    self.out_features, self.in_features, self.bits, self.group_size,
+                    self.qweight.device, gemm_min_rows=self.triton_gemm_min_rows)
             except ValueError as exc:
-                raise UserError(f"decode kernel 'triton' unavailable: {exc}") from None
+                raise UserError(f"kernel 'triton' unavailable: {exc}") from None
 
     def triton_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The Triton GEMV's output for one row when it was chosen, else None."""
-        if self._triton is None or rows_of(x) != 1:
+        """The Triton kernels' output when they were chosen and take these rows, else None."""
+        if self._triton is None:
             return None
-        from compress.formats.triton_gemv import TRITON_GEMV
-
-        self.label(TRITON_GEMV, x, compiled=TRITON_GEMV)
         out = self._triton(x, self.qweight, self.scales, self.zeros)
+        if out is None:
+            return None
+        from compress.formats.triton_kernels import TRITON_GEMM, TRITON_GEMV
+
+        kernel = TRITON_GEMV if rows_of(x) == 1 else TRITON_GEMM
+        self.label(kernel, x, compiled=kernel)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 

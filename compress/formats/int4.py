@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from compress.formats import grid
-from compress.formats.base import QuantizedLinear, fused_on_cuda
+from compress.formats.base import CUDA_KERNEL_MAX_ROWS, QuantizedLinear, fused_on_cuda
 
 SYMMETRIC_ZERO = 8
 
@@ -33,7 +33,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 class Int4Linear(QuantizedLinear):
     format = "int4"
-    decode_kernels = ("auto", "triton")
+    kernel_choices = ("auto", "triton")
+    triton_gemm_min_rows = CUDA_KERNEL_MAX_ROWS + 1  # tinygemm serves 2-64 rows (1.39x at 8)
 
     def _register_storage(self, dtype: torch.dtype) -> None:
         groups = grid.group_count(self.in_features, self.group_size)

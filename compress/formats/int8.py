@@ -23,7 +23,7 @@ OFFSET = 128
 class Int8Linear(QuantizedLinear):
     format = "int8"
     fused_gemv_rows = 1
-    decode_kernels = ("auto", "triton")
+    kernel_choices = ("auto", "triton")
 
     def _register_storage(self, dtype: torch.dtype) -> None:
         groups = grid.group_count(self.in_features, self.group_size)
