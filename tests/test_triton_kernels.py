@@ -15,7 +15,8 @@ from compress.quant.rtn import quantized_linear
 
 # int4 / int8, symmetric / not, grouped / per channel; widths that are not multiples of the
 # kernel's blocks (70 rows, 600 columns) and a split that leaves the last program past K.
-CASES = [(4, 64, True, 96, 576), (4, 32, False, 40, 160), (8, 0, True, 70, 600),
+CASES = [(4, 64, True, 96, 576), (4, 32, False, 40, 160), (4, 256, False, 40, 768),
+         (8, 0, True, 70, 600),
          (8, 0, False, 33, 300), (8, 64, False, 48, 192)]
 
 

@@ -29,6 +29,7 @@ TRITON_GEMM = "triton dequantize-in-GEMM (compress)"
 PER_CHANNEL_BLOCK_K = 256  # GEMV columns per step when one scale covers the whole row
 GEMM_BLOCK_N = 128
 GEMM_BLOCK_K = 64  # GEMM columns per step when one scale covers the whole row
+GEMM_BLOCK_K_MAX = 128  # larger groups take several steps (shared memory: 3 stages of tiles)
 
 
 def available(device: torch.device) -> str | None:
@@ -125,8 +126,8 @@ def _build_gemm(interpreted: bool):
     @triton.jit
     def gemm(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_s,
              stride_o, BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_ZEROS: tl.constexpr,
-             SYM_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr):
+             SYM_ZERO: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = rm < M, rn < N
@@ -148,8 +149,8 @@ def _build_gemm(interpreted: bool):
             else:
                 q = tl.load(w_ptr + rn[None, :] * stride_w + rk[:, None], mask=tile_ok,
                             other=0).to(tl.float32)
-            if GROUPED:  # BLOCK_K is the group size: one scale (and zero) per column per step
-                g = k0 // BLOCK_K
+            if GROUPED:  # BLOCK_K divides the group: one scale (and zero) per column per step
+                g = k0 // GROUP
                 scale = tl.load(s_ptr + rn * stride_s + g, mask=n_ok, other=0.0)
                 if HAS_ZEROS:
                     zero = tl.load(z_ptr + rn * stride_s + g, mask=n_ok, other=0)
@@ -217,8 +218,8 @@ class TritonLinear:
         self.gemm[grid](
             x, codes, scales, zeros if zeros is not None else scales, out, m, n,
             self.in_features, x.stride(0), codes.stride(0), scales.stride(0), out.stride(0),
-            BLOCK_M=block_m, BLOCK_N=GEMM_BLOCK_N, BLOCK_K=self.group_size or GEMM_BLOCK_K,
-            **self._flags(zeros))
+            GROUP=self.group_size, BLOCK_M=block_m, BLOCK_N=GEMM_BLOCK_N,
+            BLOCK_K=min(self.group_size, GEMM_BLOCK_K_MAX) or GEMM_BLOCK_K, num_warps=8 if block_m == 128 else 4, num_stages=3, **self._flags(zeros))
         return out
 
 
