@@ -51,7 +51,7 @@ def _interpreted() -> bool:
 
 
 @functools.cache
-def _build_kernel(interpreted: bool):
+def _build_gemv(interpreted: bool):
     """The split-K GEMV for one row, built on first use: importing this module needs no Triton."""
     import triton
     import triton.language as tl
@@ -239,6 +239,6 @@ def plan(out_features: int, in_features: int, bits: int, group_size: int, device
         split_k = max(1, min(steps, -(-4 * sms // blocks_n)))
     steps_per_split = -(-steps // split_k)
     interpreted = _interpreted()
-    return TritonLinear(_build_kernel(interpreted), _build_gemm(interpreted), bits, group_size,
+    return TritonLinear(_build_gemv(interpreted), _build_gemm(interpreted), bits, group_size,
                         out_features, in_features, block_n, block_k,
                         -(-steps // steps_per_split), steps_per_split * block_k, gemm_min_rows)
