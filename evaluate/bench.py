@@ -137,7 +137,8 @@ def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, devi
 
     with PeakMemory(device) as peak:
         timing = time_it(loop, device, cfg.warmup, cfg.repeats, setup=setup)
-    # Uncompiled, the loop's last forward was a decode step: its labels are the decode kernels.
+    if kernels is None:  # uncompiled, the loop's last forward was a decode step: read its labels
+        kernels = linear_kernels(engine.model)
     seconds = timing["median_s"]
     step_bytes = decode_bytes_per_step(weights, engine, cfg.prompt + (cfg.new + 1) / 2)
     bandwidth = ceil["copy"]["bytes_per_s"]
@@ -148,8 +149,7 @@ def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, devi
             "bytes_per_step": step_bytes, "achieved_bytes_per_s": step_bytes / (seconds / cfg.new),
             "roofline_ms_per_token": roofline_ms, "pct_of_roofline": 100 * roofline_ms / ms_per_token,
             "kv_cache_bytes": engine.kv_cache_bytes(), "peak_allocated_bytes": peak.peak,
-            "compile_s": compile_s, "kernels": kernels or linear_kernels(engine.model),
-            "timing": timing}
+            "compile_s": compile_s, "kernels": kernels, "timing": timing}
 
 
 def decode_bytes_per_step(weights: dict, engine: Engine, mean_context: float) -> float:
