@@ -85,7 +85,8 @@ if [ "$STAGE" = short ]; then
     # its time limit loses the last recipes first.
     timeout "${T_SWEEP:-390}" "$PY" -m compress.cli sweep recipes/smoothquant-w8a8.yaml \
         recipes/wanda-2of4.yaml recipes/mlp25.yaml recipes/layers-drop4.yaml \
-        recipes/fp8-w8a8.yaml "$INT4" recipes/int8-channel.yaml --model "$MODEL" --device "$DEVICE" \
+        recipes/fp8-w8a8.yaml "$INT4" recipes/int8-channel.yaml "${INT4%.yaml}-lmhead8.yaml" \
+        --model "$MODEL" --device "$DEVICE" \
         --corpus random --windows 1 --seq-len 512 --bench --bench-semi-structured \
         "${COMPILE[@]}" --bench-batch 1 "${SWEEP_B1[@]}" --out "$WORK/sweep-b1" --overwrite \
         --title "$MODEL on $DEVICE, batch 1: each recipe against bf16 (random weights)" \
