@@ -8,6 +8,8 @@
 #                                         # speed-up verdicts (issues 5, 6, 7)
 #   bash scripts/gpu_checks.sh gptq       # GPTQ of the 8B shape, layers offloaded to the CPU (issue 4)
 #   bash scripts/gpu_checks.sh triton     # the Triton GEMV / GEMM: GPU tests, int4 / int8 with them
+#   bash scripts/gpu_checks.sh smollm2    # speed of the SmolLM2 sweep's recipes (issue 7), joined
+#                                         # with its CPU quality by `compress report --speed-from`
 #   bash scripts/gpu_checks.sh short      # what one 15-minute lease holds: the kernel tests, the
 #                                         # per-shape kernel timings, bf16 / int4 / int8 / FP8 /
 #                                         # W8A8 / 2:4 / structured at batch 1, bf16 against HF
@@ -109,6 +111,18 @@ if run_stage triton; then
         --corpus random --windows 1 --seq-len 512 --bench "${COMPILE[@]}" --bench-batch 1 \
         "${SWEEP_B1[@]}" --bench-kernel int4=triton,int8=triton --out "$OUT/sweep-triton" \
         --overwrite --title "$MODEL on $DEVICE, batch 1: int4 / int8 with the Triton kernels" || true
+fi
+if run_stage smollm2; then
+    # Issue 7: the speed of reports/smollm2-135m-sweep's seven recipes, timed on random weights of
+    # SmolLM2's shape (its GGUF file cannot travel). Join them here with
+    #   compress report reports/smollm2-135m-sweep --speed-from <this sweep> --out DIR
+    compress sweep recipes/int8-channel.yaml recipes/int4-g64-sym.yaml \
+        recipes/gptq-w4-g64-sym-actorder.yaml recipes/awq-w4-g64-sym.yaml \
+        recipes/smoothquant-w8a8.yaml recipes/wanda-50.yaml recipes/sparsegpt-2of4-gptq-int4.yaml \
+        --model random:smollm2-135m --device "$DEVICE" --corpus random --windows 1 --seq-len 512 \
+        --bench --bench-semi-structured "${COMPILE[@]}" "${SWEEP_SHAPES[@]}" \
+        --out "$OUT/smollm2-speed" --overwrite \
+        --title "random:smollm2-135m on $DEVICE: speed of the SmolLM2 sweep's recipes" || true
 fi
 if run_stage gptq; then
     # The model waits on the CPU; each layer is calibrated on the GPU (peak GPU memory printed).

@@ -92,3 +92,27 @@ def test_sweep_refuses_bad_options_before_any_work(tmp_path, capsys):
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_report_takes_speed_from_a_sweep_of_the_same_recipes_on_another_model(tmp_path, capsys):
+    """Quality from one sweep (the real model, say), speed from another of the same shape (random
+    weights on a GPU): matched by recipe, labelled with where the speed came from."""
+    recipes = _recipes(tmp_path)
+    quality, speed = tmp_path / "quality", tmp_path / "speed"
+    assert main(["sweep", *recipes, "--model", "random:tiny", "--out", str(quality), *EVAL]) == 0
+    assert main(["sweep", recipes[0], "--model", "random:tiny", "--corpus", "random",
+                 "--out", str(speed), *EVAL, *BENCH]) == 0
+    capsys.readouterr()
+    out = tmp_path / "joined.md"
+    assert main(["report", str(quality), "--speed-from", str(speed), "--out", str(out)]) == 0
+    assert "no speed in --speed-from for: int4" in capsys.readouterr().out
+    text = out.read_text()
+    speed_table = text[text.index("## Speed"):]
+    assert speed_table.count("timed on random:tiny") == 2                # baseline and int8
+    assert "| int4 | not measured |" in speed_table
+    # A donor of another shape is refused.
+    other = tmp_path / "other"
+    assert main(["sweep", recipes[0], "--model", "random:smollm2-135m", "--out", str(other),
+                 *EVAL, *BENCH]) == 0
+    assert main(["report", str(quality), "--speed-from", str(other)]) == 2
+    assert "timed a model of" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from compress.checkpoint import atomic_output_dir, check_output
 from compress.errors import UserError
 from compress.reports import html_report, markdown_report, write_report_files
 from compress.reports.gate import Thresholds, check, parse_percent
+from compress.reports.speed_source import attach_speed
 from evaluate.results import read_json
 
 
@@ -28,6 +29,10 @@ def add_parser(subparsers) -> None:
                         "folder (report.md, report.html, results.csv, plots); default: print only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--title", default="", help="report title")
+    p.add_argument("--speed-from", nargs="+", default=None, metavar="RESULTS",
+                   help="take speed figures from these results instead (a sweep of the same "
+                        "recipes on random:<shape> on a GPU, say): matched by recipe name and "
+                        "passes, same architecture and parameter count, one run with its baseline")
     g = p.add_argument_group("regression gate (each compared result against the baseline)")
     g.add_argument("--max-ppl-increase", default=None, metavar="PCT",
                    help="largest allowed perplexity increase, in percent (e.g. 2%%)")
@@ -51,7 +56,8 @@ def expand_paths(paths: list[str]) -> list[str]:
     out = []
     for path in paths:
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "results.json")):
-            names = sorted((n for n in os.listdir(path) if n.endswith(".json")),
+            names = sorted((n for n in os.listdir(path)
+                            if n.endswith(".json") and n != "failures.json"),  # a sweep's log
                            key=lambda n: (n != "baseline.json", n))
             if not names:
                 raise UserError(f"folder {path!r} holds neither results.json nor any .json file")
@@ -98,6 +104,11 @@ def run(args) -> int:
     paths = expand_paths(args.results)
     results = [load_results(p) for p in paths]
     baseline = load_results(args.baseline) if args.baseline else None
+    if args.speed_from:
+        donors = [(p, load_results(p)) for p in expand_paths(args.speed_from)]
+        missing = attach_speed(results + ([baseline] if baseline else []), donors)
+        if missing:
+            print(f"no speed in --speed-from for: {', '.join(missing)}")
     text = markdown_report(results, baseline, args.title)
     if args.out:
         write_output(args.out, results, baseline, args.title, text, args.overwrite)

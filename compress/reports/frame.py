@@ -83,9 +83,10 @@ def row(result: dict) -> dict:
 
 def speed_device(speed: dict) -> str:
     """Which device measured the speed figures, in words: 'NVIDIA H100 80GB HBM3' or 'CPU (...)'."""
-    if speed.get("gpu"):
-        return speed["gpu"]
-    return f"CPU ({speed.get('cpu') or 'unknown'}, {speed.get('threads', '?')} threads)"
+    borrowed = (speed.get("borrowed_from") or {}).get("model")
+    device = speed.get("gpu") or \
+        f"CPU ({speed.get('cpu') or 'unknown'}, {speed.get('threads', '?')} threads)"
+    return device + (f", timed on {borrowed}" if borrowed else "")
 
 
 def check_comparable(base: dict, results: list[dict]) -> None:
