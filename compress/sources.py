@@ -104,20 +104,31 @@ def load_random(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                 device: str = "cpu") -> Loaded:
     """A Llama of a real shape with normal(0, 0.02) weights: never zeros, reproducible by seed.
 
-    Built directly on `device` (an 8B model initialized on the CPU takes minutes); the weights
-    then depend on the device's random generator, still reproducible per device and seed.
+    Built directly on `device`; a CPU model of a billion parameters or more is built on a GPU
+    when there is one and then moved (an 8B model initialized on the CPU takes minutes). The
+    weights depend on the generator of the device they were built on (provenance `built_on`),
+    and are reproducible per that device and seed.
     """
     from transformers import AutoModelForCausalLM
 
     config = llama_config(shape)
+    build_on = str(device)
+    if torch.device(device).type == "cpu" and torch.cuda.is_available():
+        with torch.device("meta"):
+            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        build_on = "cuda" if size >= 1e9 else build_on
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        with torch.device(device):
+        with torch.device(build_on):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     finally:
         torch.random.set_rng_state(generator_state)
-    return Loaded(model, byte_tokenizer(), {"loader": "random", "shape": shape, "seed": seed})
+    if build_on != str(device):
+        model = model.to(device)
+        torch.cuda.empty_cache()
+    return Loaded(model, byte_tokenizer(), {"loader": "random", "shape": shape, "seed": seed,
+                                            "built_on": build_on})
 
 
 def byte_tokenizer():

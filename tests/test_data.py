@@ -46,3 +46,19 @@ def test_random_corpus_is_fixed_disjoint_and_inside_the_vocabulary():
     assert calib.shape == (128, 2048)
     assert calib.min() >= 1 and calib.max() < 128256 and calib.max() > 120000
     assert not torch.equal(first.eval_ids[:1000], first.calib_ids[:1000])
+
+
+def test_random_models_say_where_they_were_built():
+    from compress.sources import load_random
+
+    assert load_random("tiny").provenance["built_on"] == "cpu"
+
+
+@pytest.mark.gpu
+def test_a_large_random_model_for_the_cpu_is_built_on_the_gpu():
+    """Initializing a billion weights takes minutes on a CPU and seconds on a GPU."""
+    from compress.sources import load_random
+
+    loaded = load_random("llama3.2-1b", torch.bfloat16, device="cpu")
+    assert loaded.provenance["built_on"] == "cuda"
+    assert all(p.device.type == "cpu" for p in loaded.model.parameters())
