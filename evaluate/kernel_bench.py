@@ -64,7 +64,9 @@ def label(fn, compiled: bool) -> str:
     if isinstance(fn, nn.Linear):
         return "F.linear" if not compiled else "F.linear (compiled)"
     kernel = getattr(fn, "compiled_kernel", None) if compiled else None
-    return kernel or getattr(fn, "kernel", None) or "torch._weight_int4pack_mm"
+    kernel = kernel or getattr(fn, "kernel", None) or "torch._weight_int4pack_mm"
+    triton = getattr(fn, "_triton", None)
+    return f"{kernel} [{triton.tuning}]" if triton is not None else kernel
 
 
 def time_call(fn, x: torch.Tensor, device, calls: int, warmup: int,

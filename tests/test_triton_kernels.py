@@ -105,6 +105,7 @@ def test_triton_kernels_on_cuda(bits, group_size, symmetric, out_features, in_fe
     pytest.importorskip("triton")
     layer = _layer(bits, group_size, symmetric, out_features, in_features, "cuda")
     layer.set_kernel("triton")
+    assert layer._triton.tuning.startswith("tuned"), layer._triton.tuning
     one = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
     many = torch.randn(300, in_features, device="cuda", dtype=torch.bfloat16)
     for fn, x, kernel in ((layer, one, TRITON_GEMV), (torch.compile(layer, fullgraph=True), one,

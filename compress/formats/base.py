@@ -136,7 +136,8 @@ class QuantizedLinear(nn.Module):
             try:
                 self._triton = triton_kernels.plan(
                     self.out_features, self.in_features, self.bits, self.group_size,
-                    self.qweight.device, gemm_min_rows=self.triton_gemm_min_rows)
+                    self.qweight.device, gemm_min_rows=self.triton_gemm_min_rows,
+                    dtype=self.scales.dtype, has_zeros=self.zeros is not None, tune=True)
             except ValueError as exc:
                 raise UserError(f"kernel 'triton' unavailable: {exc}") from None
 

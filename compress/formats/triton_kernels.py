@@ -183,6 +183,8 @@ class TritonLinear:
     split_k: int
     k_per_split: int
     gemm_min_rows: int
+    gemv_warps: int = 4
+    tuning: str = "default"  # how the GEMV configuration was chosen
 
     def __call__(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None) -> torch.Tensor | None:
@@ -206,7 +208,7 @@ class TritonLinear:
             x.reshape(-1), codes, scales, zeros if zeros is not None else scales, out, n,
             self.in_features, codes.stride(0), scales.stride(0), self.k_per_split,
             BLOCK_N=self.block_n, BLOCK_K=self.block_k, ATOMIC=self.split_k > 1,
-            **self._flags(zeros))
+            num_warps=self.gemv_warps, **self._flags(zeros))
         return out.to(x.dtype).reshape(1, n)
 
     def _gemm(self, x, codes, scales, zeros):
@@ -219,26 +221,75 @@ class TritonLinear:
             x, codes, scales, zeros if zeros is not None else scales, out, m, n,
             self.in_features, x.stride(0), codes.stride(0), scales.stride(0), out.stride(0),
             GROUP=self.group_size, BLOCK_M=block_m, BLOCK_N=GEMM_BLOCK_N,
-            BLOCK_K=min(self.group_size, GEMM_BLOCK_K_MAX) or GEMM_BLOCK_K, num_warps=8 if block_m == 128 else 4, num_stages=3, **self._flags(zeros))
+            BLOCK_K=min(self.group_size, GEMM_BLOCK_K_MAX) or GEMM_BLOCK_K,
+            num_warps=8 if block_m == 128 else 4, num_stages=3, **self._flags(zeros))
         return out
 
 
+# GEMV configurations tried on a GPU, per layer shape: (rows per program, warps).
+GEMV_CONFIGS = ((16, 2), (32, 4), (64, 4), (64, 8), (128, 8))
+
+
 def plan(out_features: int, in_features: int, bits: int, group_size: int, device: torch.device,
-         gemm_min_rows: int = 2, block_n: int = 32, split_k: int | None = None) -> TritonLinear:
+         gemm_min_rows: int = 2, block_n: int = 32, split_k: int | None = None,
+         dtype: torch.dtype = torch.bfloat16, has_zeros: bool = False,
+         tune: bool = False) -> TritonLinear:
     """The launch plans of a layer: codes int4 packed uint8 [N, K/2] or int8 [N, K], scales
     [N, groups]; group_size 0 (one scale per row) is int8 only. split_k None: about four
-    programs per SM for the GEMV, never fewer than one K step each."""
+    programs per SM for the GEMV, never fewer than one K step each. tune (CUDA): the GEMV's
+    rows per program and warps are the fastest of GEMV_CONFIGS for this shape, timed once per
+    shape on random codes (the time does not depend on their values)."""
     if bits == 4 and group_size == 0:
         raise ValueError("the Triton kernels take grouped int4 only")
+    interpreted = _interpreted()
+    warps, tuning = 4, "default"
+    if tune and device.type == "cuda" and not interpreted:
+        try:
+            block_n, warps = _tuned_gemv(out_features, in_features, bits, group_size,
+                                         device.index, dtype, has_zeros)
+            tuning = f"tuned: {block_n} rows per program, {warps} warps"
+        except Exception as exc:  # the defaults still run; say why they were kept
+            tuning = f"default (tuning failed: {type(exc).__name__}: {exc})"[:200]
     block_k = group_size or PER_CHANNEL_BLOCK_K
+    split_k, k_per_split = _split(out_features, in_features, block_k, block_n, device, split_k)
+    return TritonLinear(_build_gemv(interpreted), _build_gemm(interpreted), bits, group_size,
+                        out_features, in_features, block_n, block_k, split_k, k_per_split,
+                        gemm_min_rows, warps, tuning)
+
+
+def _split(out_features: int, in_features: int, block_k: int, block_n: int,
+           device: torch.device, split_k: int | None) -> tuple[int, int]:
+    """(programs along K, columns each) for the GEMV."""
     steps = -(-in_features // block_k)
-    blocks_n = -(-out_features // block_n)
     if split_k is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count \
             if device.type == "cuda" else 4
-        split_k = max(1, min(steps, -(-4 * sms // blocks_n)))
+        split_k = max(1, min(steps, -(-4 * sms // -(-out_features // block_n))))
     steps_per_split = -(-steps // split_k)
-    interpreted = _interpreted()
-    return TritonLinear(_build_gemv(interpreted), _build_gemm(interpreted), bits, group_size,
-                        out_features, in_features, block_n, block_k,
-                        -(-steps // steps_per_split), steps_per_split * block_k, gemm_min_rows)
+    return -(-steps // steps_per_split), steps_per_split * block_k
+
+
+@functools.cache
+def _tuned_gemv(out_features: int, in_features: int, bits: int, group_size: int,
+                device_index: int | None, dtype: torch.dtype, has_zeros: bool) -> tuple[int, int]:
+    """The fastest (rows per program, warps) of GEMV_CONFIGS, by triton's do_bench (L2 flushed
+    between runs, as a decode step's weights are not in cache)."""
+    from triton.testing import do_bench
+
+    device = torch.device("cuda", device_index)
+    groups = in_features // group_size if group_size else 1
+    codes = torch.randint(0, 255, (out_features, in_features * bits // 8), device=device,
+                          dtype=torch.uint8)
+    if bits == 8:
+        codes = codes.view(torch.int8)
+    scales = torch.rand(out_features, groups, device=device, dtype=dtype) / 100
+    zeros = torch.randint(0, 15, (out_features, groups), device=device,
+                          dtype=torch.uint8 if bits == 4 else torch.int8) if has_zeros else None
+    x = torch.randn(1, in_features, device=device, dtype=dtype)
+    timed = []
+    for block_n, warps in GEMV_CONFIGS:
+        candidate = plan(out_features, in_features, bits, group_size, device, block_n=block_n)
+        candidate.gemv_warps = warps
+        seconds = do_bench(lambda: candidate._gemv(x, codes, scales, zeros), warmup=5, rep=25)
+        timed.append((seconds, block_n, warps))
+    return min(timed)[1:]
