@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Kernel names only: the module imports Triton itself lazily, at a kernel's first use.
+from compress.formats.triton_kernels import TRITON_GEMM, TRITON_GEMV
+
 # On the CPU, torch's int8 / int4 weight-only kernels beat dequantize + matmul only for
 # half-precision activations and few rows (decode); with float32 activations they are 30-60x
 # slower at 1024 rows, and slower at 1 row too (torch 2.13, SmolLM2 shapes, 2-core machine).
@@ -148,8 +151,6 @@ class QuantizedLinear(nn.Module):
         out = self._triton(x, self.qweight, self.scales, self.zeros)
         if out is None:
             return None
-        from compress.formats.triton_kernels import TRITON_GEMM, TRITON_GEMV
-
         kernel = TRITON_GEMV if rows_of(x) == 1 else TRITON_GEMM
         self.label(kernel, x, compiled=kernel)
         out = out.reshape(*x.shape[:-1], self.out_features)
