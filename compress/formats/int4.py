@@ -58,10 +58,7 @@ class Int4Linear(QuantizedLinear):
         return layer.to(q.device)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        q = unpack_int4(self.qweight)
-        zero = (torch.full_like(self.scales, SYMMETRIC_ZERO, dtype=torch.uint8) if self.symmetric
-                else self.zeros)
-        return q, zero
+        return int4_codes(self.qweight, self.scales, self.zeros)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size,
@@ -99,9 +96,16 @@ class Int4Linear(QuantizedLinear):
         return super()._apply(fn, recurse)
 
 
+def int4_codes(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, zero) as unsigned codes from the stored buffers (zeros None: symmetric)."""
+    zero = (torch.full_like(scales, SYMMETRIC_ZERO, dtype=torch.uint8) if zeros is None
+            else zeros)
+    return unpack_int4(packed), zero
+
+
 @fused_on_cuda
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                     group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    zero = (torch.full_like(scales, SYMMETRIC_ZERO, dtype=torch.uint8) if zeros is None
-            else zeros)
-    return grid.dequantize(unpack_int4(packed), scales, zero, group_size, dtype)
+    q, zero = int4_codes(packed, scales, zeros)
+    return grid.dequantize(q, scales, zero, group_size, dtype)

@@ -48,10 +48,7 @@ class Int8Linear(QuantizedLinear):
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, zero) as unsigned codes, the inverse of `from_codes`."""
-        q = self.qweight.to(torch.int16) + OFFSET
-        zero = (torch.full_like(self.scales, OFFSET, dtype=torch.int16) if self.symmetric
-                else self.zeros.to(torch.int16) + OFFSET)
-        return q, zero
+        return int8_codes(self.qweight, self.scales, self.zeros)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scales, self.zeros, self.group_size,
@@ -74,10 +71,17 @@ class Int8Linear(QuantizedLinear):
         return self.reference_forward(x)
 
 
-@fused_on_cuda
-def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                    group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def int8_codes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, zero) as unsigned codes from the stored buffers (zeros None: symmetric)."""
     q = qweight.to(torch.int16) + OFFSET
     zero = (torch.full_like(scales, OFFSET, dtype=torch.int16) if zeros is None
             else zeros.to(torch.int16) + OFFSET)
+    return q, zero
+
+
+@fused_on_cuda
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    q, zero = int8_codes(qweight, scales, zeros)
     return grid.dequantize(q, scales, zero, group_size, dtype)
