@@ -9,6 +9,7 @@ from compress.checkpoint import atomic_output_dir, check_output
 from compress.commands import add_model_options, resolve_dtype
 from compress.commands.report import write_text
 from compress.errors import UserError
+from compress.recipe import BenchSettings
 from evaluate.bench import PEERS, BenchConfig
 from evaluate.results import write_json
 
@@ -76,6 +77,19 @@ def parse_kernel_choices(text: str, what: str = "--kernel") -> tuple[tuple[str, 
     return tuple(pairs)
 
 
+def build_bench_config(settings, flag, **extra) -> BenchConfig:
+    """The BenchConfig of string-valued speed settings: a recipe's `bench` section, or the flags
+    of `compress bench` / `compress sweep --bench-*` gathered into a BenchSettings. `flag(field)`
+    names a field in error messages as the user wrote it; `extra` are BenchConfig fields."""
+    return BenchConfig(batches=parse_ints(settings.batches, flag("batches")),
+                       prompt=settings.prompt, new=settings.new,
+                       prefill=parse_shapes(settings.prefill), compile=settings.compile,
+                       warmup=settings.warmup, repeats=settings.repeats,
+                       semi_structured=settings.semi_structured,
+                       kernel_choices=parse_kernel_choices(settings.kernel, flag("kernel")),
+                       **extra)
+
+
 def parse_peers(text: str) -> tuple[str, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
@@ -86,11 +100,12 @@ def run(args) -> int:
     from evaluate.bench_run import markdown, print_table, run_bench
 
     dtype = resolve_dtype(args)
-    cfg = BenchConfig(batches=parse_ints(args.batch, "--batch"), prompt=args.prompt, new=args.new,
-                      prefill=parse_shapes(args.prefill), compile=args.compile,
-                      warmup=args.warmup, repeats=args.repeats, peers=parse_peers(args.peers),
-                      semi_structured=args.semi_structured,
-                      kernel_choices=parse_kernel_choices(args.kernel))
+    settings = BenchSettings(batches=args.batch, prompt=args.prompt, new=args.new,
+                             prefill=args.prefill, warmup=args.warmup, repeats=args.repeats,
+                             compile=args.compile, semi_structured=args.semi_structured,
+                             kernel=args.kernel)
+    cfg = build_bench_config(settings, {"batches": "--batch", "kernel": "--kernel"}.get,
+                             peers=parse_peers(args.peers))
     if args.out:
         check_output(args.out, args.overwrite)  # fail before minutes of measuring
     doc = run_bench(args.model, cfg, args.device, dtype, progress=lambda m: print(m, flush=True))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from compress.checkpoint import check_output
 from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
-from compress.commands.bench import parse_kernel_choices, parse_ints, parse_shapes
+from compress.commands.bench import build_bench_config
 from compress.commands.quantize import print_summary
 from compress.commands.sweep import Measure
 from compress.errors import UserError
 from compress.pipeline import Session, evaluate, run_recipe
 from compress.recipe import load_recipe
 from compress.reports import markdown_report
-from evaluate.bench import BenchConfig
 
 
 def add_parser(subparsers) -> None:
@@ -44,7 +43,8 @@ def run(args) -> int:
     measure, extra = None, {}
     if recipe.bench is not None:
         # Before: the source model, evaluated and timed in this run; after: the compressed one.
-        measure = Measure(args, session, None, bench_from_settings(recipe.bench)).add
+        bench = build_bench_config(recipe.bench, lambda field: f"bench.{field}")
+        measure = Measure(args, session, None, bench).add
         source = session.loaded.model
         extra["baseline.json"] = measure(evaluate(session, source, recipe.evaluation, None,
                                                   desc="baseline"), source, "baseline")
@@ -56,13 +56,3 @@ def run(args) -> int:
         print_summary(results)
     return 0
 
-
-def bench_from_settings(settings) -> BenchConfig:
-    """The recipe's bench section as the BenchConfig `compress bench` builds from its flags."""
-    return BenchConfig(batches=parse_ints(settings.batches, "bench.batches"),
-                       prompt=settings.prompt, new=settings.new,
-                       prefill=parse_shapes(settings.prefill), compile=settings.compile,
-                       warmup=settings.warmup, repeats=settings.repeats,
-                       semi_structured=settings.semi_structured,
-                       kernel_choices=parse_kernel_choices(settings.kernel,
-                                                           "bench.kernel"))

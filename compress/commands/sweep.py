@@ -10,10 +10,10 @@ from tqdm.auto import tqdm
 
 from compress.checkpoint import atomic_output_dir, check_output
 from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
-from compress.commands.bench import parse_kernel_choices, parse_ints, parse_shapes
+from compress.commands.bench import build_bench_config
 from compress.errors import UserError
 from compress.pipeline import Session, compress_model, evaluate, evaluation_windows
-from compress.recipe import load_recipe
+from compress.recipe import BenchSettings, load_recipe
 from compress.reports import markdown_report, write_report_files
 from evaluate.divergence import Reference
 from evaluate.lm_eval_tasks import BUNDLED, TaskRunner, TaskSettings, parse_task_names
@@ -66,17 +66,15 @@ def add_parser(subparsers) -> None:
 
 
 def bench_config(args):
-    from evaluate.bench import BenchConfig
-
     if not args.bench:
         return None
-    return BenchConfig(batches=parse_ints(args.bench_batch, "--bench-batch"),
-                       prompt=args.bench_prompt, new=args.bench_new,
-                       prefill=parse_shapes(args.bench_prefill), compile=args.compile,
-                       warmup=args.bench_warmup, repeats=args.bench_repeats,
-                       semi_structured=args.bench_semi_structured,
-                       kernel_choices=parse_kernel_choices(args.bench_kernel,
-                                                           "--bench-kernel"))
+    settings = BenchSettings(batches=args.bench_batch, prompt=args.bench_prompt,
+                             new=args.bench_new, prefill=args.bench_prefill,
+                             warmup=args.bench_warmup, repeats=args.bench_repeats,
+                             compile=args.compile, semi_structured=args.bench_semi_structured,
+                             kernel=args.bench_kernel)
+    return build_bench_config(settings, {"batches": "--bench-batch",
+                                         "kernel": "--bench-kernel"}.get)
 
 
 def load_recipes(args) -> list:
