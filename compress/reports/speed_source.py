@@ -21,6 +21,11 @@ def recipe_key(result: dict) -> tuple:
     return (recipe["name"], json.dumps(recipe["passes"], sort_keys=True))
 
 
+def model_shape(result: dict) -> tuple:
+    """(architecture, parameter count) of the source model a result was measured on."""
+    return result["model"].get("architecture"), result["model"].get("parameters")
+
+
 def attach_speed(results: list[dict], donors: list[tuple[str, dict]]) -> list[str]:
     """Give each result the speed of the donor with the same recipe key, in place. The donors
     must be one run (one GPU, one speed protocol) that includes the baseline, and their model the
@@ -47,10 +52,10 @@ def attach_speed(results: list[dict], donors: list[tuple[str, dict]]) -> list[st
             missing.append((result.get("recipe") or {}).get("name", "baseline"))
             continue
         path, donor = found
-        shape = lambda r: (r["model"].get("architecture"), r["model"].get("parameters"))  # noqa
-        if shape(donor) != shape(result):
-            raise UserError(f"--speed-from: {path} timed a model of {shape(donor)} "
-                            f"(architecture, parameters), the results are of {shape(result)}")
+        if model_shape(donor) != model_shape(result):
+            raise UserError(f"--speed-from: {path} timed a model of {model_shape(donor)} "
+                            f"(architecture, parameters), the results are of "
+                            f"{model_shape(result)}")
         result["metrics"]["speed"] = {**donor["metrics"]["speed"], "borrowed_from": {
             "file": path, "model": donor["model"]["source"],
             "why": "speed does not depend on weight values; timed on this model of the "
