@@ -15,6 +15,7 @@ from compress.errors import UserError
 from compress.pipeline import Session, compress_model, evaluate, evaluation_windows
 from compress.recipe import BenchSettings, load_recipe
 from compress.reports import markdown_report, write_report_files
+from evaluate.bench import sync_and_free
 from evaluate.divergence import Reference
 from evaluate.lm_eval_tasks import BUNDLED, TaskRunner, TaskSettings, parse_task_names
 from evaluate.results import environment, write_json
@@ -206,7 +207,8 @@ def sweep(session: Session, recipes: list, measure: Measure, folder: str, cache_
             m = result["metrics"]
             progress.write(f"{recipe.name}: perplexity {m['perplexity']:.3f}, KL "
                            f"{m['kl_divergence']:.4f}, top-1 {100 * m['top1_agreement']:.2f}%")
-        free_memory(session.device)
+        gc.collect()  # the recipe's model, before the next one is built
+        sync_and_free(session.device)
         progress.update()
     progress.close()
     if failures:
@@ -221,10 +223,3 @@ def measure_recipe(session: Session, recipe, measure: Measure, reference) -> dic
                       extra_metrics=extra, reference=reference)
     return measure.add(result, model, recipe.name)
 
-
-def free_memory(device) -> None:
-    gc.collect()
-    if str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()

@@ -55,11 +55,6 @@ def rows_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def use_fused_gemv(x: torch.Tensor, max_rows: int) -> bool:
-    """Whether a weight-only layer takes `fused_gemv` for `x`: compiled, on CUDA, few rows."""
-    return x.is_cuda and torch.compiler.is_compiling() and rows_of(x) <= max_rows
-
-
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T as a multiply-and-sum in float32. Meant for a compiled region only, where
     inductor fuses the dequantization that produced `weight` into the reduction (eagerly it
@@ -161,8 +156,12 @@ class QuantizedLinear(nn.Module):
         same rows runs (a compiled step cannot update these labels itself)."""
         if not torch.compiler.is_compiling():
             self.kernel = eager
-            fused = x.is_cuda and rows_of(x) <= self.fused_gemv_rows
+            fused = self.fused_gemv_fits(x)
             self.compiled_kernel = compiled or (FUSED_GEMV if fused else eager)
+
+    def fused_gemv_fits(self, x: torch.Tensor) -> bool:
+        """Whether a compiled forward of `x` runs `fused_gemv`: on CUDA, few enough rows."""
+        return x.is_cuda and rows_of(x) <= self.fused_gemv_rows
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "

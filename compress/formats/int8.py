@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from compress.formats import grid
-from compress.formats.base import (QuantizedLinear, cpu_kernel_wins, fused_gemv, fused_on_cuda,
-                                   use_fused_gemv)
+from compress.formats.base import QuantizedLinear, cpu_kernel_wins, fused_gemv, fused_on_cuda
 
 OFFSET = 128
 
@@ -58,7 +57,7 @@ class Int8Linear(QuantizedLinear):
         out = self.triton_forward(x)
         if out is not None:
             return out
-        if use_fused_gemv(x, self.fused_gemv_rows):
+        if torch.compiler.is_compiling() and self.fused_gemv_fits(x):
             return fused_gemv(x, self.dequantize(torch.float32), self.bias)
         if self.symmetric and self.group_size == 0 and x.dtype == self.scales.dtype and \
                 x.device.type == "cpu" and cpu_kernel_wins(x):
