@@ -59,6 +59,7 @@ class BenchSettings:
     warmup: int = 2
     repeats: int = 5
     compile: bool = False
+    tune_kernels: bool = False  # coordinate-descent tuning of the compiled step's Triton kernels
     semi_structured: bool = False
     kernel: str = ""  # FORMAT=KERNEL pairs, e.g. "int4=triton"; "" keeps the measured defaults
 

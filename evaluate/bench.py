@@ -25,6 +25,10 @@ class BenchConfig:
     new: int = 128
     prefill: tuple[tuple[int, int], ...] = ((1, 2048), (8, 512))
     compile: bool = False
+    # Inductor's coordinate-descent tuning of the compiled decode step's Triton kernels (the
+    # fused dequantize-GEMV is a reduction whose block sizes matter), as gpt-fast compiles; it
+    # adds compile time. Needs `compile`.
+    tune_kernels: bool = False
     warmup: int = 2
     repeats: int = 5
     seed: int = 0
@@ -58,6 +62,7 @@ class BenchConfig:
                 "repeats": self.repeats, "statistic": "median", "decode": "greedy, no early stop, "
                 "token loop included, first token from the prefill not counted",
                 "inputs": "random token ids in [1, vocab)", "compile": self.compile,
+                "tune_kernels": self.tune_kernels,
                 "semi_structured": self.semi_structured,
                 "kernel_choices": dict(self.kernel_choices), "device": str(device)}
 
@@ -123,7 +128,7 @@ def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, devi
     # One more slot than prompt + new: the timed loop runs `new` forward steps after the token
     # chosen from the prefill logits.
     engine.allocate(batch, cfg.prompt + cfg.new + 1)
-    compile_s = engine.compile_decode() if cfg.compile else None
+    compile_s = engine.compile_decode(tune=cfg.tune_kernels) if cfg.compile else None
     kernels = linear_kernels(engine.model, compiled=True) if cfg.compile else None
     ids = random_tokens(batch, cfg.prompt, vocab, device, cfg.seed + batch)
     state = {}

@@ -50,7 +50,8 @@ def markdown(doc: dict) -> str:
              + (f", driver {env.get('driver')}" if env.get("driver") else ""),
              f"- Protocol: prompt {proto['prompt']}, {proto['new_tokens']} new tokens, "
              f"{proto['decode']}; median of {proto['repeats']} after {proto['warmup']} warm-up; "
-             f"compile {proto['compile']}; {proto['inputs']}",
+             f"compile {proto['compile']}"
+             f"{' (Triton kernels tuned)' if proto.get('tune_kernels') else ''}; {proto['inputs']}",
              f"- Ceilings measured in this run on {ceil['device']}: copy "
              f"{ceil['copy']['bytes_per_s'] / 1e9:,.1f} GB/s (read + write), "
              f"{ceil['matmul']['dtype']} {ceil['matmul']['n']}^3 matmul "

@@ -187,11 +187,14 @@ class Engine:
         """
         return self._step(tokens, positions)
 
-    def compile_decode(self, prompt_len: int = 8) -> float:
-        """Compile the decode step (CUDA graphs on CUDA) and run it until it is captured.
+    def compile_decode(self, prompt_len: int = 8, tune: bool = False) -> float:
+        """Compile the decode step (CUDA graphs on CUDA) and run it until it is captured; `tune`:
+        with inductor's coordinate-descent tuning of its Triton kernels (gpt-fast's setting).
 
         Returns the seconds spent compiling and capturing, reported apart from steady-state timing.
         """
+        from torch._inductor import config as inductor_config
+
         if self.cache is None:
             raise UserError("compile_decode needs allocate() first")
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"
@@ -204,7 +207,9 @@ class Engine:
         ids = random_tokens(self.batch, prompt_len, self.config.vocab_size, self.device, seed=1)
         started = time.perf_counter()
         # Dynamo traces on the first call; CUDA-graph trees warm up then record on later calls.
-        self.generate(ids, max_new_tokens=4, stop_on_eos=False)
+        # Inductor reads its config when it compiles, that is inside this first run.
+        with inductor_config.patch(coordinate_descent_tuning=tune):
+            self.generate(ids, max_new_tokens=4, stop_on_eos=False)
         synchronize(self.device)
         self.compile_seconds = time.perf_counter() - started
         # Then one eager run, whose last forward is a decode step: the layers' kernel labels

@@ -13,8 +13,8 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch._inductor import config as inductor_config
 
 from compress.formats import triton_kernels
 from compress.formats.fp8 import FP8Linear, fp8_capable
@@ -25,6 +25,9 @@ from evaluate.results import environment
 from evaluate.timing import time_it
 
 COMPILED_MAX_ROWS = 64  # rows up to this are decode batches: timed through torch.compile
+# Compiled inductor reductions whose block sizes matter: also timed with coordinate-descent
+# tuning (`compress bench --tune-kernels`), as "<name> tuned".
+TUNED = ("int8", "int4 fused-gemv")
 
 
 def linear_shapes(shape: str, kinds: list[str]) -> dict[str, tuple[int, int]]:
@@ -50,6 +53,9 @@ def candidates(out_features: int, in_features: int, group_size: int, device) -> 
              "w8a8 int8": W8A8Linear.from_float(linear)}
     if int4._fast is not None:  # tinygemm at every size, to compare with what int4 chooses
         found["int4 tinygemm forced"] = int4._fast
+    if torch.device(device).type == "cuda":  # one compiled row: inductor's GEMV, not tinygemm
+        found["int4 fused-gemv"] = copy.deepcopy(int4)
+        found["int4 fused-gemv"].set_kernel("fused-gemv")
     if triton_kernels.available(torch.device(device)) is None:  # GEMV, GEMM (int4: 2-64 rows
         for name in ("int4", "int8"):                           # stay on tinygemm)
             chosen = copy.deepcopy(found[name])
@@ -105,13 +111,16 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
         calls = 20 if m <= COMPILED_MAX_ROWS else 3
         row = {"linear": name, "out": out_features, "in": in_features, "rows": m,
                "compiled": compiled, "us": {}, "kernel": {}, "clock": {}}
-        for key, module in found.items():
+        timed = [(key, module, False) for key, module in found.items()]
+        timed += [(f"{key} tuned", found[key], True) for key in TUNED if compiled and key in found]
+        for key, module, tune in timed:
             fn = module
             if compiled:
                 torch.compiler.reset()  # one code object per layer class: keep under the limit
                 fn = torch.compile(module, dynamic=False)
             try:
-                fn(x)  # compile, and set the eager labels
+                with inductor_config.patch(coordinate_descent_tuning=tune):
+                    fn(x)  # compile, and set the eager labels
                 seconds, row["clock"][key] = time_call(fn, x, device, calls, 2, repeats)
             except Exception as exc:  # a kernel this GPU or torch lacks: say so, go on
                 row["kernel"][key] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:160]
@@ -119,7 +128,7 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
             if compiled and not isinstance(module, nn.Linear) and hasattr(module, "kernel"):
                 module(x)  # one eager call for the labels (a compiled call does not set them)
             row["us"][key] = seconds * 1e6
-            row["kernel"][key] = label(module, compiled)
+            row["kernel"][key] = label(module, compiled) + (" (tuned)" if tune else "")
         base = row["us"].get("bf16 F.linear")
         row["speedup"] = {k: base / v for k, v in row["us"].items()} if base else {}
         records.append(row)

@@ -8,6 +8,8 @@
 #                                         # speed-up verdicts (issues 5, 6, 7)
 #   bash scripts/gpu_checks.sh gptq       # GPTQ of the 8B shape, layers offloaded to the CPU (issue 4)
 #   bash scripts/gpu_checks.sh triton     # the Triton GEMV / GEMM: GPU tests, int4 / int8 with them
+#   bash scripts/gpu_checks.sh inductor   # int4 / int8 through inductor's fused dequantize-GEMV with
+#                                         # coordinate-descent-tuned kernels (--tune-kernels)
 #   bash scripts/gpu_checks.sh smollm2    # speed of the SmolLM2 sweep's recipes (issue 7), joined
 #                                         # with its CPU quality by `compress report --speed-from`
 #   bash scripts/gpu_checks.sh short      # what one 15-minute lease holds: the kernel tests, the
@@ -111,6 +113,16 @@ if run_stage triton; then
         --corpus random --windows 1 --seq-len 512 --bench "${COMPILE[@]}" --bench-batch 1 \
         "${SWEEP_B1[@]}" --bench-kernel int4=triton,int8=triton --out "$OUT/sweep-triton" \
         --overwrite --title "$MODEL on $DEVICE, batch 1: int4 / int8 with the Triton kernels" || true
+fi
+if run_stage inductor; then
+    # Decode through inductor's fused dequantize-GEMV for int4 as well as int8 (int4 read five
+    # times its bytes there before unpack_int4 was fixed), every compiled kernel tuned, bf16 too.
+    [ -n "${SMALL:-}" ] && INT4=recipes/int4-g64-sym.yaml || INT4=recipes/int4-g128-sym.yaml
+    compress sweep "$INT4" recipes/int8-channel.yaml --model "$MODEL" --device "$DEVICE" \
+        --corpus random --windows 1 --seq-len 512 --bench "${COMPILE[@]}" --bench-batch 1 \
+        "${SWEEP_B1[@]}" $([ ${#COMPILE[@]} -gt 0 ] && echo --bench-tune-kernels) \
+        --bench-kernel int4=fused-gemv --out "$OUT/sweep-inductor" --overwrite \
+        --title "$MODEL on $DEVICE, batch 1: int4 / int8 through tuned inductor GEMVs" || true
 fi
 if run_stage smollm2; then
     # Issue 7: the speed of reports/smollm2-135m-sweep's seven recipes, timed on random weights of

@@ -131,7 +131,7 @@ def test_kv_cache_bytes_are_the_static_allocation(lively):
     assert engine.kv_cache_bytes() == expected
 
 
-def test_engines_compiled_one_after_another_stay_under_dynamo_limits(lively, monkeypatch):
+def test_engines_compiled_one_after_another_stay_under_dynamo_limits(lively):
     """A sweep compiles one engine per model in one process; each compile starts afresh, so the
     n-th model does not fail with FailOnRecompileLimitHit (as the fifth did on an H200)."""
     import copy
@@ -140,15 +140,49 @@ def test_engines_compiled_one_after_another_stay_under_dynamo_limits(lively, mon
 
     from compress.recipe import apply_recipe, recipe_from_dict
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     ids = random_tokens(1, 6, 256, "cpu", seed=7)
-    for bits in (None, 8, 4):  # different layer classes: the guards of a compiled step fail
-        model = copy.deepcopy(lively)
-        if bits:
-            model = apply_recipe(model, recipe_from_dict(
-                {"passes": [{"pass": "rtn", "bits": bits, "group_size": 32}]}, "rtn"))
-        eager, compiled = Engine(model), Engine(model)
-        eager.allocate(1, 16)
-        compiled.allocate(1, 16)
-        compiled.compile_decode()
-        assert torch.equal(compiled.generate(ids, 5).tokens, eager.generate(ids, 5).tokens)
+    # config.patch, not monkeypatch: restoring by setattr leaves dynamo's config unreadable
+    # for the tests after this one (torch 2.13).
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for bits in (None, 8, 4):  # different layer classes: the guards of a compiled step fail
+            model = copy.deepcopy(lively)
+            if bits:
+                model = apply_recipe(model, recipe_from_dict(
+                    {"passes": [{"pass": "rtn", "bits": bits, "group_size": 32}]}, "rtn"))
+            eager, compiled = Engine(model), Engine(model)
+            eager.allocate(1, 16)
+            compiled.allocate(1, 16)
+            compiled.compile_decode()
+            assert torch.equal(compiled.generate(ids, 5).tokens, eager.generate(ids, 5).tokens)
+
+
+def test_tuned_compile_gives_the_eager_tokens_and_restores_inductor_config(lively, monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    seen = []
+    compile_fn = torch.compile
+
+    def spy(fn, **kwargs):  # inductor reads its config when the first call compiles
+        compiled = compile_fn(fn, **kwargs)
+
+        def call(*args):
+            seen.append(inductor_config.coordinate_descent_tuning)
+            return compiled(*args)
+        return call
+
+    monkeypatch.setattr(torch, "compile", spy)
+    ids = random_tokens(1, 6, 256, "cpu", seed=5)
+    eager, tuned = Engine(lively), Engine(lively)
+    eager.allocate(1, 16)
+    tuned.allocate(1, 16)
+    tuned.compile_decode(tune=True)
+    assert seen[0] is True and inductor_config.coordinate_descent_tuning is False
+    assert torch.equal(tuned.generate(ids, 5).tokens, eager.generate(ids, 5).tokens)
+
+
+def test_tune_kernels_needs_compile(capsys):
+    from compress.cli import main
+
+    assert main(["bench", "random:tiny", "--tune-kernels", "--peers", "none"]) == 2
+    assert "--tune-kernels tunes the compiled decode step's kernels: it needs --compile" in \
+        capsys.readouterr().err

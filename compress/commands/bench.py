@@ -28,13 +28,17 @@ def add_parser(subparsers) -> None:
                    help="prefill shapes BATCHxTOKENS (default 1x2048,8x512)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on CUDA); compile time reported apart")
+    p.add_argument("--tune-kernels", action="store_true",
+                   help="with --compile: tune the compiled step's Triton kernels (inductor's "
+                        "coordinate descent, as gpt-fast does); longer compile")
     p.add_argument("--semi-structured", action="store_true",
                    help="on CUDA, run a 2:4-pruned model's linears as semi-structured sparse "
                         "tensors (cuSPARSELt/CUTLASS); dense models are unchanged")
     p.add_argument("--kernel", default="", metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton,int8=triton (compress/formats/triton_kernels.py: a GEMV for one "
-                        "row, a dequantizing GEMM for many); layers of other formats keep theirs")
+                        "row, a dequantizing GEMM for many) or int4=fused-gemv (inductor's fused "
+                        "dequantize-GEMV for one compiled row); layers of other formats keep theirs")
     p.add_argument("--peers", default="hf",
                    help=f"comma list of peers or 'none' (default hf); allowed: {', '.join(PEERS)}")
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs (default 2)")
@@ -81,9 +85,13 @@ def build_bench_config(settings, flag, **extra) -> BenchConfig:
     """The BenchConfig of string-valued speed settings: a recipe's `bench` section, or the flags
     of `compress bench` / `compress sweep --bench-*` gathered into a BenchSettings. `flag(field)`
     names a field in error messages as the user wrote it; `extra` are BenchConfig fields."""
+    if settings.tune_kernels and not settings.compile:
+        raise UserError(f"{flag('tune_kernels')} tunes the compiled decode step's kernels: it "
+                        f"needs {flag('compile')}")
     return BenchConfig(batches=parse_ints(settings.batches, flag("batches")),
                        prompt=settings.prompt, new=settings.new,
                        prefill=parse_shapes(settings.prefill), compile=settings.compile,
+                       tune_kernels=settings.tune_kernels,
                        warmup=settings.warmup, repeats=settings.repeats,
                        semi_structured=settings.semi_structured,
                        kernel_choices=parse_kernel_choices(settings.kernel, flag("kernel")),
@@ -102,9 +110,11 @@ def run(args) -> int:
     dtype = resolve_dtype(args)
     settings = BenchSettings(batches=args.batch, prompt=args.prompt, new=args.new,
                              prefill=args.prefill, warmup=args.warmup, repeats=args.repeats,
-                             compile=args.compile, semi_structured=args.semi_structured,
-                             kernel=args.kernel)
-    cfg = build_bench_config(settings, {"batches": "--batch", "kernel": "--kernel"}.get,
+                             compile=args.compile, tune_kernels=args.tune_kernels,
+                             semi_structured=args.semi_structured, kernel=args.kernel)
+    flags = {"batches": "--batch", "kernel": "--kernel", "compile": "--compile",
+             "tune_kernels": "--tune-kernels"}
+    cfg = build_bench_config(settings, flags.get,
                              peers=parse_peers(args.peers))
     if args.out:
         check_output(args.out, args.overwrite)  # fail before minutes of measuring

@@ -58,6 +58,9 @@ def add_parser(subparsers) -> None:
     b.add_argument("--bench-warmup", type=int, default=2, help="warm-up runs (2)")
     b.add_argument("--bench-repeats", type=int, default=5, help="timed runs, median kept (5)")
     b.add_argument("--compile", action="store_true", help="compile the decode step")
+    b.add_argument("--bench-tune-kernels", action="store_true",
+                   help="with --compile: tune the compiled step's Triton kernels (coordinate "
+                        "descent, as gpt-fast does); longer compile")
     b.add_argument("--bench-kernel", default="", metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton; layers of other formats keep theirs")
@@ -72,10 +75,11 @@ def bench_config(args):
     settings = BenchSettings(batches=args.bench_batch, prompt=args.bench_prompt,
                              new=args.bench_new, prefill=args.bench_prefill,
                              warmup=args.bench_warmup, repeats=args.bench_repeats,
-                             compile=args.compile, semi_structured=args.bench_semi_structured,
-                             kernel=args.bench_kernel)
-    return build_bench_config(settings, {"batches": "--bench-batch",
-                                         "kernel": "--bench-kernel"}.get)
+                             compile=args.compile, tune_kernels=args.bench_tune_kernels,
+                             semi_structured=args.bench_semi_structured, kernel=args.bench_kernel)
+    return build_bench_config(settings, {"batches": "--bench-batch", "kernel": "--bench-kernel",
+                                         "compile": "--compile",
+                                         "tune_kernels": "--bench-tune-kernels"}.get)
 
 
 def load_recipes(args) -> list:

@@ -23,7 +23,8 @@ CUDA_KERNEL_MAX_ROWS = 64
 # registers (`fused_gemv`). Measured on an H200, Llama-3-8B shape, batch-1 decode, compiled with
 # CUDA graphs (reports/h200-llama3-8b): int8 6.74 ms/token with it against 56.4 with
 # _weight_int8pack_mm (bf16: 5.78), so Int8Linear uses it for one row; int4 14.5 ms with it
-# against 3.79 with tinygemm, so Int4Linear does not. With more rows each row re-reads the codes.
+# against 3.79 with tinygemm, so Int4Linear does not (but that int4 figure predates the fix in
+# `unpack_int4`, see there). With more rows each row re-reads the codes.
 FUSED_GEMV = "inductor fused dequantize-GEMV (compiled)"
 
 
@@ -116,15 +117,19 @@ class QuantizedLinear(nn.Module):
         return self.reference_forward(x)
 
     def set_kernel(self, name: str) -> None:
-        """'auto' (the kernels measurements chose) or, where the format has it, 'triton'
+        """'auto' (the kernels measurements chose) or, where the format has them, 'triton'
         (compress/formats/triton_kernels.py: a GEMV for one row, a dequantizing GEMM for
-        `triton_gemm_min_rows` rows or more; still to be measured on a GPU)."""
+        `triton_gemm_min_rows` rows or more; still to be measured on a GPU) or 'fused-gemv'
+        (`fused_gemv` for one row inside a compiled CUDA step, where 'auto' runs another kernel)."""
         from compress.errors import UserError, choices
 
         if name not in self.kernel_choices:
             raise UserError(f"{self.format} layers have no kernel {name!r} "
                             f"({choices(self.kernel_choices)})")
         self._triton = None
+        self.__dict__.pop("fused_gemv_rows", None)  # back to the class's measured choice
+        if name == "fused-gemv":
+            self.fused_gemv_rows = 1
         if name == "triton":
             from compress.formats import triton_kernels
 
@@ -138,6 +143,12 @@ class QuantizedLinear(nn.Module):
                     dtype=self.scales.dtype, has_zeros=self.zeros is not None, tune=True)
             except ValueError as exc:
                 raise UserError(f"kernel 'triton' unavailable: {exc}") from None
+
+    def compiled_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`fused_gemv`'s output when this forward is being compiled and `x` fits it, else None."""
+        if torch.compiler.is_compiling() and self.fused_gemv_fits(x):
+            return fused_gemv(x, self.dequantize(torch.float32), self.bias)
+        return None
 
     def triton_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The Triton kernels' output when they were chosen and take these rows, else None."""
@@ -226,11 +237,31 @@ class RowScaledLinear(QuantizedLinear):
         self.kernel = "reference"
         return self.reference_forward(x)
 
-    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Bias in float32, then back to the activations' dtype and shape."""
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+    def _finish(self, out: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor | None = None,
+                col_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Scales and bias in float32, then back to the activations' dtype and shape."""
+        if out.dtype != x.dtype or row_scale is not None or col_scale is not None or \
+                self.bias is not None:
+            out = rescale_output(out, row_scale, col_scale, self.bias, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.description}"
+
+
+@fused_on_cuda
+def rescale_output(acc: torch.Tensor, row_scale: torch.Tensor | None,
+                   col_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """A W8A8 GEMM's epilogue: acc [rows, out] (int32 or float) times the per-row (activation)
+    and per-column (weight) scales, plus bias, in float32, cast to `dtype`. One kernel on CUDA
+    instead of four full passes over [rows, out] in float32, which for a 2048-token prefill of
+    the Llama-3-8B shape move about 45 GB."""
+    out = acc.float()
+    if row_scale is not None:
+        out = out * row_scale
+    if col_scale is not None:
+        out = out * col_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype)

@@ -69,4 +69,4 @@ class FP8Linear(RowScaledLinear):
         out_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
         out = torch._scaled_mm(qx, self.qweight.t(), scale_a=sx, scale_b=self.scales.t(),
                                out_dtype=out_dtype)
-        return self._finish(out.float(), x)
+        return self._finish(out, x)

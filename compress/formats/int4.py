@@ -3,9 +3,10 @@
 Storage: `qweight` uint8 [out, in/2], column 2j in the low nibble and 2j+1 in the high one;
 `scales` [out, groups] in the model dtype; `zeros` uint8 [out, groups] (asymmetric only; the
 symmetric zero point is 8). Kernels: up to CUDA_KERNEL_MAX_ROWS rows, tinygemm
-(compress/formats/int4_kernels.py, its own layout built from these buffers; inductor's fused
-dequantize-GEMV was 3.8x slower for the Llama-3-8B shape on an H200); more rows dequantize (one
-fused kernel on CUDA) and run the float matmul.
+(compress/formats/int4_kernels.py, its own layout built from these buffers); more rows dequantize
+(one fused kernel on CUDA) and run the float matmul. Inductor's fused dequantize-GEMV was 3.8x
+slower than tinygemm for the Llama-3-8B shape on an H200, but that run's `unpack_int4` made it
+read five times the bytes it needs; `set_kernel("fused-gemv")` runs it again for a new measurement.
 """
 from __future__ import annotations
 
@@ -26,14 +27,21 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: [out, in/2] bytes -> [out, in] codes in [0, 15] (uint8)."""
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    """Inverse of pack_int4: [out, in/2] bytes -> [out, in] codes in [0, 15] (uint8).
+
+    One broadcast shift, not `stack((low, high))`: inductor lowers a stack to a concatenation
+    that writes both nibble planes to memory before the dequantization reads them back, which
+    made the compiled dequantize two kernels and the fused dequantize-GEMV read 2.5 bytes per
+    weight instead of 0.5 (tests/test_kernel_fusion.py checks the generated code).
+    """
+    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device)
+    codes = (packed[..., None] >> shifts) & 0x0F
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 class Int4Linear(QuantizedLinear):
     format = "int4"
-    kernel_choices = ("auto", "triton")
+    kernel_choices = ("auto", "triton", "fused-gemv")
     triton_gemm_min_rows = CUDA_KERNEL_MAX_ROWS + 1  # tinygemm serves 2-64 rows (1.39x at 8)
 
     def _register_storage(self, dtype: torch.dtype) -> None:
@@ -76,6 +84,8 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.triton_forward(x)
+        if out is None:
+            out = self.compiled_gemv(x)
         if out is not None:
             return out
         if not torch.compiler.is_compiling() and \

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from compress.formats import grid
-from compress.formats.base import QuantizedLinear, cpu_kernel_wins, fused_gemv, fused_on_cuda
+from compress.formats.base import QuantizedLinear, cpu_kernel_wins, fused_on_cuda
 
 OFFSET = 128
 
@@ -55,10 +55,10 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.triton_forward(x)
+        if out is None:
+            out = self.compiled_gemv(x)
         if out is not None:
             return out
-        if torch.compiler.is_compiling() and self.fused_gemv_fits(x):
-            return fused_gemv(x, self.dequantize(torch.float32), self.bias)
         if self.symmetric and self.group_size == 0 and x.dtype == self.scales.dtype and \
                 x.device.type == "cpu" and cpu_kernel_wins(x):
             self.label("torch._weight_int8pack_mm", x)

@@ -80,5 +80,4 @@ class W8A8Linear(RowScaledLinear):
         qx, sx = quantize_rows(x.reshape(-1, self.in_features))
         min_rows = CUDA_MIN_ROWS if x.is_cuda else 1
         acc = int_mm_padded(qx, self.qweight.t(), min_rows)
-        out = acc.float() * sx * self.scales.t()
-        return self._finish(out, x)
+        return self._finish(acc, x, sx, self.scales.t())

@@ -1,0 +1,93 @@
+"""What `fused_on_cuda` and the compiled decode step rely on: each element-wise chain around a
+quantized matmul becomes one inductor kernel. A materialized copy of the int4 codes made the
+fused decode GEMV read 2.5 bytes per weight instead of 0.5 on the GPU. Inductor's lowering
+decides such fusions the same way for the CPU, so the CPU's generated code is checked here (its
+kernels are `cpp_pybinding`s; CUDA's would be Triton kernels)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from compress.errors import UserError
+from compress.formats.base import fused_gemv, rescale_output
+from compress.formats.fp8 import quantize_rows_fp8
+from compress.formats.int4 import Int4Linear, dequantize_int4
+from compress.formats.int8 import dequantize_int8
+from compress.formats.w8a8 import W8A8Linear, quantize_rows
+from compress.quant.rtn import quantized_linear
+
+
+def _int4_layer(symmetric: bool) -> Int4Linear:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    return quantized_linear(linear, 4, 64, symmetric)
+
+
+def _kernels(code: list[str]) -> int:
+    return sum(c.count("async_compile.cpp_pybinding(") for c in code)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compiled_int4_dequantize_is_one_kernel_with_no_code_buffer(symmetric):
+    layer = _int4_layer(symmetric)
+    args = (layer.qweight, layer.scales, layer.zeros, layer.group_size, torch.bfloat16)
+    torch.compiler.reset()
+    out, code = run_and_get_code(torch.compile(dequantize_int4.__wrapped__), *args)
+    assert torch.equal(out, layer.dequantize(torch.bfloat16))
+    assert _kernels(code) == 1
+    buffers = [line for c in code for line in c.splitlines() if "empty_strided" in line]
+    assert not [line for line in buffers if "torch.uint8" in line]  # no buffer of codes
+
+
+def test_compiled_int4_gemv_is_one_kernel_and_matches_the_reference():
+    layer = _int4_layer(symmetric=True).to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+
+    def gemv(x):
+        return fused_gemv(x, layer.dequantize(torch.float32), None)
+
+    torch.compiler.reset()
+    out, code = run_and_get_code(torch.compile(gemv), x)
+    reference = x.float() @ layer.dequantize(torch.float32).T
+    assert _kernels(code) == 1
+    torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
+
+
+def test_fused_gemv_kernel_choice_is_per_layer_and_auto_restores_the_default():
+    layer, other = _int4_layer(True), _int4_layer(True)
+    layer.set_kernel("fused-gemv")
+    assert (layer.fused_gemv_rows, other.fused_gemv_rows, Int4Linear.fused_gemv_rows) == (1, 0, 0)
+    layer.set_kernel("auto")
+    assert layer.fused_gemv_rows == 0
+    int8 = quantized_linear(torch.nn.Linear(64, 32), 8, 0, True)
+    with pytest.raises(UserError, match="no kernel 'fused-gemv'"):
+        int8.set_kernel("fused-gemv")  # int8 runs it for one row already
+
+
+def test_int8_dequantize_and_activation_quantizers_are_one_kernel_each():
+    int8 = quantized_linear(torch.nn.Linear(256, 96), 8, 0, True)
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    calls = [(dequantize_int8, (int8.qweight, int8.scales, int8.zeros, 0, torch.bfloat16)),
+             (quantize_rows, (x,)), (quantize_rows_fp8, (x,))]
+    for fn, args in calls:
+        torch.compiler.reset()
+        out, code = run_and_get_code(torch.compile(fn.__wrapped__), *args)
+        assert _kernels(code) == 1, fn.__name__
+        expected = fn(*args)
+        for got, want in zip(out if isinstance(out, tuple) else (out,),
+                             expected if isinstance(expected, tuple) else (expected,)):
+            assert torch.equal(got.float(), want.float()), fn.__name__
+
+
+def test_w8a8_epilogue_is_one_kernel_and_exact():
+    torch.manual_seed(0)
+    layer = W8A8Linear.from_float(torch.nn.Linear(256, 96))
+    acc = torch.randint(-2**20, 2**20, (64, 96), dtype=torch.int32)
+    row_scale = torch.rand(64, 1) / 100
+    args = (acc, row_scale, layer.scales.t(), layer.bias, torch.bfloat16)
+    torch.compiler.reset()
+    out, code = run_and_get_code(torch.compile(rescale_output.__wrapped__), *args)
+    assert _kernels(code) == 1
+    expected = (acc.float() * row_scale * layer.scales.t() + layer.bias.float()).to(torch.bfloat16)
+    assert torch.equal(out, expected) and torch.equal(rescale_output(*args), expected)
