@@ -72,19 +72,21 @@ def test_cpu_kernels_are_used_only_where_they_win(bits, group_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,group_size,eager_kernel", [(8, 0, "reference"),
-                                                          (4, 64, "torch._weight_int4pack_mm"),
-                                                          (4, 128, "torch._weight_int4pack_mm")])
+@pytest.mark.parametrize("bits,group_size,eager_kernel,choice", [
+    (8, 0, "reference", "auto"), (4, 64, "torch._weight_int4pack_mm", "auto"),
+    (4, 128, "torch._weight_int4pack_mm", "auto"),
+    (4, 64, "torch._weight_int4pack_mm", "fused-gemv")])
 @pytest.mark.parametrize("out_features,in_features", [(1536, 576), (4096, 4096), (96, 1024)])
-def test_cuda_paths_agree_with_the_reference(bits, group_size, eager_kernel, out_features,
+def test_cuda_paths_agree_with_the_reference(bits, group_size, eager_kernel, choice, out_features,
                                              in_features):
     """Eager: tinygemm (int4) up to 64 rows, else dequantize + cuBLAS; compiled: one row of int8
-    runs the fused dequantize-GEMV. Every path against the float32 reference, on widths that are not
-    multiples of the kernels' tiles too (576)."""
+    (or of int4 with the 'fused-gemv' choice) runs the fused dequantize-GEMV. Every path against
+    the float32 reference, on widths that are not multiples of the kernels' tiles too (576)."""
     if group_size and in_features % group_size:
         pytest.skip("group size must divide the width")
     q = quantized_linear(_linear(out_features, in_features), bits, group_size, True)
     q = q.to("cuda", torch.bfloat16)
+    q.set_kernel(choice)
     compiled = torch.compile(q, dynamic=False)
     for rows in (1, 8, 64, 300):
         x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
@@ -93,7 +95,7 @@ def test_cuda_paths_agree_with_the_reference(bits, group_size, eager_kernel, out
         assert q.kernel == (eager_kernel if rows <= 64 else "reference")
         assert (fast - ref).norm() / ref.norm() < 1e-2
         if rows <= 8:
-            fused = rows <= q.fused_gemv_rows  # int8: one row; int4: never (tinygemm won)
+            fused = rows <= q.fused_gemv_rows  # int8: one row; int4: with 'fused-gemv' only
             assert q.compiled_kernel == (FUSED_GEMV if fused else q.kernel)
             out = compiled(x).float()
             assert (out - ref).norm() / ref.norm() < 1e-2

@@ -2,7 +2,7 @@
 quantized matmul becomes one inductor kernel. A materialized copy of the int4 codes made the
 fused decode GEMV read 2.5 bytes per weight instead of 0.5 on the GPU. Inductor's lowering
 decides such fusions the same way for the CPU, so the CPU's generated code is checked here (its
-kernels are `cpp_pybinding`s; CUDA's would be Triton kernels)."""
+kernels are `cpp_pybinding`s), and CUDA's Triton kernels where a GPU runs the tests."""
 from __future__ import annotations
 
 import pytest
@@ -18,19 +18,24 @@ from compress.formats.w8a8 import W8A8Linear, quantize_rows
 from compress.quant.rtn import quantized_linear
 
 
-def _int4_layer(symmetric: bool) -> Int4Linear:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _int4_layer(symmetric: bool, device: str = "cpu") -> Int4Linear:
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96, bias=False)
-    return quantized_linear(linear, 4, 64, symmetric)
+    return quantized_linear(linear, 4, 64, symmetric).to(device)
 
 
 def _kernels(code: list[str]) -> int:
-    return sum(c.count("async_compile.cpp_pybinding(") for c in code)
+    return sum(c.count("async_compile.cpp_pybinding(") + c.count("async_compile.triton(")
+               for c in code)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_compiled_int4_dequantize_is_one_kernel_with_no_code_buffer(symmetric):
-    layer = _int4_layer(symmetric)
+def test_compiled_int4_dequantize_is_one_kernel_with_no_code_buffer(symmetric, device):
+    layer = _int4_layer(symmetric, device)
     args = (layer.qweight, layer.scales, layer.zeros, layer.group_size, torch.bfloat16)
     torch.compiler.reset()
     out, code = run_and_get_code(torch.compile(dequantize_int4.__wrapped__), *args)
@@ -40,9 +45,10 @@ def test_compiled_int4_dequantize_is_one_kernel_with_no_code_buffer(symmetric):
     assert not [line for line in buffers if "torch.uint8" in line]  # no buffer of codes
 
 
-def test_compiled_int4_gemv_is_one_kernel_and_matches_the_reference():
-    layer = _int4_layer(symmetric=True).to(torch.bfloat16)
-    x = torch.randn(1, 256, dtype=torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_int4_gemv_is_one_kernel_and_matches_the_reference(device):
+    layer = _int4_layer(True, device).to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16, device=device)
 
     def gemv(x):
         return fused_gemv(x, layer.dequantize(torch.float32), None)
