@@ -6,12 +6,17 @@
 - bnb-int8 / bnb-nf4: bitsandbytes LLM.int8 and NF4 loaded through transformers'
   BitsAndBytesConfig, run by our engine (CUDA only).
 - torchao-int4 / torchao-int8: torchao weight-only quantization (`quantize_`), run by our engine
-  (CUDA only, and only where torchao imports).
+  (CUDA only, and only where torchao imports). Int4 asks for tinygemm's packing: torchao's
+  default since 0.14 runs fbgemm-gpu-genai kernels, a package the GPU image lacks. torchao also
+  sets the inductor options it recommends (coordinate-descent tuning among them) for its rows,
+  which `compress bench --tune-kernels` matches; they are undone after its rows.
 A peer that cannot run becomes a row with `skipped` and the reason, never a silent gap.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import inspect
 import os
 import tempfile
 
@@ -31,18 +36,43 @@ def run_peer(name: str, model, source: str, cfg: BenchConfig, device, ceil: dict
             return skipped(name, reason)
         if name in ("hf", "hf-eager"):
             return bench_hf_generate(model, cfg, device, ceil, compile_auto=name == "hf")
-        peer_model = _load_bnb(name, source) if name.startswith("bnb") else \
-            _load_torchao(name, source, device)
-        try:
-            row = bench_engine(peer_model, cfg, device, name, ceil)
-        finally:
-            del peer_model
-            sync_and_free(device)
+        with restored_global_settings():
+            peer_model = _load_bnb(name, source) if name.startswith("bnb") else \
+                _load_torchao(name, source, device)
+            try:
+                row = bench_engine(peer_model, cfg, device, name, ceil)
+            finally:
+                del peer_model
+                sync_and_free(device)
         row["runner"] += f"; weights by {name.split('-')[0]}"
         return row
     except Exception as exc:  # a peer's failure must not lose the rows already measured
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         return skipped(name, f"failed: {type(exc).__name__}: {first}")
+
+
+@contextlib.contextmanager
+def restored_global_settings():
+    """Undo, on the way out, what a peer library changes process-wide (torchao's `quantize_` sets
+    inductor options and the float32 matmul precision), so that rows measured later do not
+    inherit it."""
+    from torch._inductor import config as inductor_config
+
+    saved, precision = inductor_config.save_config(), torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        inductor_config.load_config(saved)
+        torch.set_float32_matmul_precision(precision)
+
+
+def torchao_int4_options(config_class) -> dict:
+    """Keyword arguments that make torchao's Int4WeightOnlyConfig pack for tinygemm
+    (`torch._weight_int4pack_mm`): explicit from 0.14 on (`int4_packing_format`), where the
+    default became fbgemm-gpu-genai's format; 0.13 (`packing_format`) and older default to it."""
+    parameters = inspect.signature(config_class).parameters
+    return {"int4_packing_format": "tile_packed_to_4d"} if "int4_packing_format" in parameters \
+        else {}
 
 
 def skipped(name: str, reason: str) -> dict:
@@ -146,7 +176,7 @@ def _load_torchao(name: str, source: str, device):
     model = load_model(source, dtype=torch.bfloat16, device=str(device)).model
     widths = (model.config.hidden_size, model.config.intermediate_size)
     group = 128 if all(w % 128 == 0 for w in widths) else 64  # smollm2's 576 needs 64
-    config = Int4WeightOnlyConfig(group_size=group) if name == "torchao-int4" else \
-        Int8WeightOnlyConfig()
+    config = Int4WeightOnlyConfig(group_size=group, **torchao_int4_options(Int4WeightOnlyConfig)) \
+        if name == "torchao-int4" else Int8WeightOnlyConfig()
     quantize_(model, config)
     return model

@@ -22,7 +22,12 @@
 # Figures land in $OUT (default: $OUT of the device tool, else reports/gpu-<shape>); copy them
 # into reports/ with the GPU name. The device image has torch, transformers, pandas, pyyaml,
 # matplotlib and pytest; the bnb-* and torchao-* peers need bitsandbytes / torchao carried as
-# wheels (../.library/device/README.md shows how), else they are skipped with a reason. Dry run of every command on a CPU at toy sizes:
+# wheels, else they are skipped with a reason: wheels in .whl/ (ignored by git; name it in the
+# device tool's `carry`) are installed first, e.g. bitsandbytes 0.50.2 and torchao 0.17.0 (its
+# first release for torch 2.11), fetched with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl NAME==VERSION
+# Dry run of every command on a CPU at toy sizes:
 #   MODEL=random:smollm2-135m DEVICE=cpu OUT=/tmp/gpu-dry SMALL=1 bash scripts/gpu_checks.sh all
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +38,10 @@ OUT=${OUT:-reports/gpu-${MODEL#random:}}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
 compress() { PYTHONUNBUFFERED=1 "$PY" -m compress.cli "$@"; }
+if compgen -G ".whl/*.whl" > /dev/null && [ "$DEVICE" = cuda ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/gpu-site .whl/*.whl && export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 mkdir -p "$OUT"
 if [ -n "${SMALL:-}" ]; then   # the dry run: toy shapes, one repeat, no peers that need CUDA
     SHAPES=(--batch 1,2 --prompt 16 --new 4 --prefill 1x32 --warmup 0 --repeats 1)

@@ -1,0 +1,56 @@
+"""Peers beside our engine in `compress bench`: measured where they can run, a skipped row with
+the reason where they cannot, and no process-wide setting of theirs left behind."""
+import json
+
+import pytest
+import torch
+from torch._inductor import config as inductor_config
+
+from compress.cli import main
+from evaluate import peers
+
+
+def test_peers_on_cpu_measure_hf_and_skip_the_cuda_only_ones(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "random:tiny", "--batch", "1", "--prompt", "8", "--new", "4",
+                 "--prefill", "1x16", "--warmup", "0", "--repeats", "1",
+                 "--peers", "hf-eager,bnb-int8,torchao-int4", "--out", str(out)]) in (0, None)
+    rows = {row["name"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
+    assert len(rows) == 4 and {"hf-eager", "bnb-int8", "torchao-int4"} <= set(rows)
+    (decode,) = rows["hf-eager"]["decode"]
+    assert decode["ms_per_token"] > 0 and decode["new_tokens"] == 4
+    assert rows["hf-eager"]["prefill"][0]["ttft_ms"] > 0
+    assert rows["bnb-int8"]["skipped"] == rows["torchao-int4"]["skipped"] == "CUDA only"
+
+
+def test_a_failing_peer_is_a_skipped_row_with_its_reason(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this GPU\nsecond line")
+
+    monkeypatch.setattr(peers, "bench_hf_generate", broken)
+    row = peers.run_peer("hf", None, "random:tiny", None, "cpu", {})
+    assert row == {"name": "hf", "skipped": "failed: RuntimeError: no kernel image for this GPU"}
+
+
+def test_settings_a_peer_changes_are_restored_even_when_it_fails():
+    before = (inductor_config.coordinate_descent_tuning, torch.get_float32_matmul_precision())
+    with pytest.raises(ValueError):
+        with peers.restored_global_settings():
+            inductor_config.coordinate_descent_tuning = not before[0]  # as torchao's quantize_
+            torch.set_float32_matmul_precision("medium" if before[1] != "medium" else "high")
+            raise ValueError
+    assert (inductor_config.coordinate_descent_tuning,
+            torch.get_float32_matmul_precision()) == before
+
+
+def test_torchao_int4_asks_for_tinygemm_packing_where_the_option_exists():
+    class Since014:  # torchao >= 0.14: the default packing needs fbgemm-gpu-genai
+        def __init__(self, group_size=128, int4_packing_format="plain", version=2):
+            pass
+
+    class Before014:  # tinygemm's layout is the default
+        def __init__(self, group_size=128, layout=None, version=1):
+            pass
+
+    assert peers.torchao_int4_options(Since014) == {"int4_packing_format": "tile_packed_to_4d"}
+    assert peers.torchao_int4_options(Before014) == {}
