@@ -12,6 +12,7 @@ left-padded prompts carry an attention mask and per-row RoPE positions, as HF ge
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -189,7 +190,8 @@ class Engine:
 
     def compile_decode(self, prompt_len: int = 8, tune: bool = False) -> float:
         """Compile the decode step (CUDA graphs on CUDA) and run it until it is captured; `tune`:
-        with inductor's coordinate-descent tuning of its Triton kernels (gpt-fast's setting).
+        with inductor's coordinate-descent tuning of its Triton kernels (gpt-fast's setting),
+        else with whatever the process has set.
 
         Returns the seconds spent compiling and capturing, reported apart from steady-state timing.
         """
@@ -207,8 +209,9 @@ class Engine:
         ids = random_tokens(self.batch, prompt_len, self.config.vocab_size, self.device, seed=1)
         started = time.perf_counter()
         # Dynamo traces on the first call; CUDA-graph trees warm up then record on later calls.
-        # Inductor reads its config when it compiles, that is inside this first run.
-        with inductor_config.patch(coordinate_descent_tuning=tune):
+        # Inductor reads its config when it compiles, that is inside this first run. Without
+        # `tune` the process's setting stays (torchao's quantize_ turns tuning on for its rows).
+        with inductor_config.patch(coordinate_descent_tuning=True) if tune else nullcontext():
             self.generate(ids, max_new_tokens=4, stop_on_eos=False)
         synchronize(self.device)
         self.compile_seconds = time.perf_counter() - started
