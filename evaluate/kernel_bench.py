@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -102,17 +103,19 @@ def time_call(fn, x: torch.Tensor, device, calls: int, warmup: int,
 
 
 def bench_shape(name: str, out_features: int, in_features: int, rows: list[int], group_size: int,
-                device, repeats: int) -> list[dict]:
+                device, repeats: int) -> Iterator[dict]:
+    """One record per row count, yielded as soon as it is measured."""
     found = candidates(out_features, in_features, group_size, device)
-    records = []
     for m in rows:
         x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
         compiled = m <= COMPILED_MAX_ROWS and torch.device(device).type == "cuda"
         calls = 20 if m <= COMPILED_MAX_ROWS else 3
         row = {"linear": name, "out": out_features, "in": in_features, "rows": m,
                "compiled": compiled, "us": {}, "kernel": {}, "clock": {}}
-        timed = [(key, module, False) for key, module in found.items()]
-        timed += [(f"{key} tuned", found[key], True) for key in TUNED if compiled and key in found]
+        # The fused GEMV serves one row; at more it is the int4 column again.
+        keys = [k for k in found if m == 1 or not k.startswith("int4 fused-gemv")]
+        timed = [(key, found[key], False) for key in keys]
+        timed += [(f"{key} tuned", found[key], True) for key in TUNED if compiled and key in keys]
         for key, module, tune in timed:
             fn = module
             if compiled:
@@ -131,10 +134,9 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
             row["kernel"][key] = label(module, compiled) + (" (tuned)" if tune else "")
         base = row["us"].get("bf16 F.linear")
         row["speedup"] = {k: base / v for k, v in row["us"].items()} if base else {}
-        records.append(row)
         print(f"{name} {out_features}x{in_features} rows {m}: " + ", ".join(
             f"{k} {v:.1f} us" for k, v in row["us"].items()), flush=True)
-    return records
+        yield row
 
 
 def markdown(doc: dict) -> str:
@@ -176,20 +178,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSON path; the Markdown goes beside it")
     args = p.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
-    records = []
+    doc = {"shape": args.shape, "group_size": args.group_size, "repeats": args.repeats,
+           "device": args.device, "environment": environment(), "records": []}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with torch.inference_mode():
         for name, (out_f, in_f) in linear_shapes(args.shape, args.linears.split(",")).items():
-            records += bench_shape(name, out_f, in_f, rows, args.group_size, args.device,
-                                   args.repeats)
-    doc = {"shape": args.shape, "group_size": args.group_size, "repeats": args.repeats,
-           "device": args.device, "environment": environment(), "records": records}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(markdown(doc))
+            for record in bench_shape(name, out_f, in_f, rows, args.group_size, args.device,
+                                      args.repeats):
+                doc["records"].append(record)
+                write_files(doc, args.out)  # after every record: a run cut short keeps them
     print(markdown(doc))
     return 0
+
+
+def write_files(doc: dict, path: str) -> None:
+    """The JSON at `path` and the Markdown beside it, each replaced whole (never half-written)."""
+    for target, text in ((path, json.dumps(doc, indent=1)),
+                         (os.path.splitext(path)[0] + ".md", markdown(doc))):
+        with open(target + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(target + ".tmp", target)
 
 
 if __name__ == "__main__":

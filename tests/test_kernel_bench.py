@@ -30,3 +30,22 @@ def test_kernel_bench_writes_every_shape_and_kernel(tmp_path):
         assert r["kernel"]["int4"] == ("torch._weight_int4pack_mm_for_cpu" if small
                                        else "reference")
     assert "not a GPU figure" in (tmp_path / "k.md").read_text()
+
+
+def test_a_run_cut_short_keeps_the_records_already_measured(tmp_path, monkeypatch):
+    import pytest
+
+    from evaluate import kernel_bench
+
+    def one_then_killed(name, out_features, in_features, *args):
+        yield {"linear": name, "out": out_features, "in": in_features, "rows": 1,
+               "us": {"bf16 F.linear": 2.0}, "kernel": {"bf16 F.linear": "F.linear"},
+               "clock": {}, "speedup": {"bf16 F.linear": 1.0}}
+        raise TimeoutError  # as `timeout` stopping the GPU stage
+
+    monkeypatch.setattr(kernel_bench, "bench_shape", one_then_killed)
+    out = tmp_path / "k.json"
+    with pytest.raises(TimeoutError):
+        main(["--shape", "tiny", "--device", "cpu", "--out", str(out)])
+    assert [r["linear"] for r in json.loads(out.read_text())["records"]] == ["gate_proj"]
+    assert "gate_proj" in (tmp_path / "k.md").read_text()
