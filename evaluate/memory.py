@@ -1,6 +1,7 @@
 """Weight bytes by component, counting each storage once (tied embeddings are shared)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from compress.adapters import adapter_for, decoder_linears
@@ -9,7 +10,8 @@ from compress.adapters import adapter_for, decoder_linears
 def weight_bytes(model: nn.Module) -> dict:
     """Bytes of parameters and persistent buffers: total, embedding, decoder linears, lm_head, other.
 
-    A tensor shared by two modules (tied lm_head) is counted once, under the embedding.
+    A tensor shared by two modules (tied lm_head) is counted once, under the embedding. Tensor
+    subclasses (2:4 semi-structured weights, torchao's quantized ones) count what they store.
     """
     adapter = adapter_for(model)
     prefixes = {"embedding": adapter.embed_path + ".", "lm_head": adapter.lm_head_path + ".",
@@ -18,11 +20,9 @@ def weight_bytes(model: nn.Module) -> dict:
     out = {"embedding": 0, "linear": 0, "lm_head": 0, "other": 0}
     seen = set()
     for name, tensor in _named_tensors(model):
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        size = tensor.numel() * tensor.element_size()
+        stored = [(key, size) for key, size in stored_tensors(tensor) if key not in seen]
+        seen.update(key for key, _ in stored)
+        size = sum(size for _, size in stored)
         if name.startswith(prefixes["embedding"]):
             out["embedding"] += size
         elif name.startswith(prefixes["lm_head"]):
@@ -33,6 +33,17 @@ def weight_bytes(model: nn.Module) -> dict:
             out["other"] += size
     out["total"] = sum(out.values())
     return out
+
+
+def stored_tensors(tensor: torch.Tensor) -> list[tuple[tuple, int]]:
+    """(identity, bytes) of each plain tensor that holds `tensor`'s data: the tensor itself, or
+    the inner tensors of a tensor subclass, whose own data_ptr is 0 and whose numel and dtype
+    describe the logical dense weight, not what is stored."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [s for n in names for s in stored_tensors(getattr(tensor, n))]
+    return [((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)),
+             tensor.numel() * tensor.element_size())]
 
 
 def _named_tensors(model: nn.Module):

@@ -21,7 +21,9 @@ import os
 import tempfile
 
 import torch
+from torch import nn
 
+from compress.adapters import adapter_for
 from evaluate.bench import BenchConfig, bench_engine, linear_kernels, sync_and_free
 from evaluate.engine import random_tokens
 from evaluate.memory import weight_bytes
@@ -178,5 +180,9 @@ def _load_torchao(name: str, source: str, device):
     group = 128 if all(w % 128 == 0 for w in widths) else 64  # smollm2's 576 needs 64
     config = Int4WeightOnlyConfig(group_size=group, **torchao_int4_options(Int4WeightOnlyConfig)) \
         if name == "torchao-int4" else Int8WeightOnlyConfig()
-    quantize_(model, config)
+    # The decoder's linears, as our int4 / int8 recipes quantize: quantize_'s default would take
+    # the lm_head too, and the rows would differ in what they read, not only in kernels.
+    layers = adapter_for(model).layers_path + "."
+    quantize_(model, config, filter_fn=lambda module, fqn: isinstance(module, nn.Linear)
+              and fqn.startswith(layers))
     return model

@@ -25,6 +25,20 @@ def test_weight_bytes_of_a_float_model_are_its_parameter_bytes(tiny_model):
     assert measured["linear"] == linear
 
 
+def test_weight_bytes_count_what_tensor_subclasses_store(tiny_model):
+    """2:4 semi-structured and torchao weights are tensor subclasses: data_ptr 0 (two weights of
+    one shape looked like one) and a logical numel. What counts is their inner tensors."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    before = weight_bytes(tiny_model)["linear"]
+    for layer in tiny_model.model.layers:  # two weights of one shape, each stored twice
+        w = layer.self_attn.q_proj.weight
+        layer.self_attn.q_proj.weight = torch.nn.Parameter(
+            TwoTensor(w.detach().clone(), w.detach().clone()), requires_grad=False)
+    q_bytes = tiny_model.model.layers[0].self_attn.q_proj.weight.a.nbytes
+    assert weight_bytes(tiny_model)["linear"] == before + 2 * q_bytes
+
+
 def test_weight_bytes_of_an_int4_model_are_its_stored_bytes(tiny_model):
     config = tiny_model.config
     float_linear = weight_bytes(tiny_model)["linear"]
