@@ -38,12 +38,19 @@ def weight_bytes(model: nn.Module) -> dict:
 def stored_tensors(tensor: torch.Tensor) -> list[tuple[tuple, int]]:
     """(identity, bytes) of each plain tensor that holds `tensor`'s data: the tensor itself, or
     the inner tensors of a tensor subclass, whose own data_ptr is 0 and whose numel and dtype
-    describe the logical dense weight, not what is stored."""
+    describe the logical dense weight, not what is stored. bitsandbytes parameters keep their
+    scales beside the codes, as attributes: LLM.int8's row scales (`SCB`), 4-bit's block absmax
+    (and its own absmax under double quantization)."""
     if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
         names, _ = tensor.__tensor_flatten__()
         return [s for n in names for s in stored_tensors(getattr(tensor, n))]
-    return [((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)),
-             tensor.numel() * tensor.element_size())]
+    side = [getattr(tensor, "SCB", None)]
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:
+        side += [state.absmax, getattr(getattr(state, "state2", None), "absmax", None)]
+    own = ((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)),
+           tensor.numel() * tensor.element_size())
+    return [own] + [s for t in side if isinstance(t, torch.Tensor) for s in stored_tensors(t)]
 
 
 def _named_tensors(model: nn.Module):

@@ -39,6 +39,26 @@ def test_weight_bytes_count_what_tensor_subclasses_store(tiny_model):
     assert weight_bytes(tiny_model)["linear"] == before + 2 * q_bytes
 
 
+def test_weight_bytes_count_the_scales_of_bitsandbytes_parameters(tiny_model):
+    """The bnb peers' weights keep their scales as attributes of the parameter, not as buffers."""
+    import bitsandbytes as bnb
+
+    layer = tiny_model.model.layers[0].mlp
+    w = layer.up_proj.weight.detach()
+    before = weight_bytes(tiny_model)["linear"]
+    layer.up_proj.weight = bnb.nn.Int8Params(w.half(), requires_grad=False,
+                                             has_fp16_weights=False).to("cpu")
+    int8 = weight_bytes(tiny_model)["linear"]
+    assert int8 == before - w.nbytes + w.numel() + w.shape[0] * 4   # int8 codes, fp32 row scales
+    blocks = w.numel() // 64
+    for double_quant, scales in ((False, blocks * 4),               # fp32 absmax per block
+                                 (True, blocks + 4 * -(-blocks // 256))):  # uint8 + fp32 per 256
+        layer.up_proj.weight = bnb.nn.Params4bit(w.bfloat16(), requires_grad=False, blocksize=64,
+                                                 compress_statistics=double_quant,
+                                                 quant_type="nf4").to("cpu")
+        assert weight_bytes(tiny_model)["linear"] == before - w.nbytes + w.numel() // 2 + scales
+
+
 def test_weight_bytes_of_an_int4_model_are_its_stored_bytes(tiny_model):
     config = tiny_model.config
     float_linear = weight_bytes(tiny_model)["linear"]
