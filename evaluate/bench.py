@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compress.adapters import adapter_for, decoder_linears
 from compress.errors import UserError
-from compress.prune.semi_structured import is_2of4_model, materialize_2of4
+from compress.prune.semi_structured import is_2of4_model, materialize_2of4_where_faster
 from evaluate.engine import Engine, random_tokens
-from evaluate.memory import parameter_count, weight_bytes
+from evaluate.memory import parameter_count, stored_tensors, weight_bytes
 from evaluate.timing import PeakMemory, ceilings, is_cuda, synchronize, time_it
 
 PEERS = ("hf", "hf-eager", "bnb-int8", "bnb-nf4", "torchao-int4", "torchao-int8")
@@ -33,8 +34,9 @@ class BenchConfig:
     repeats: int = 5
     seed: int = 0
     peers: tuple[str, ...] = ()
-    # On CUDA, swap the weights of a 2:4-pruned model for torch's semi-structured sparse tensors
-    # (cuSPARSELt / CUTLASS) before timing; dense models are left as they are.
+    # On CUDA, give a 2:4-pruned model torch's semi-structured sparse weights (cuSPARSELt /
+    # CUTLASS) where they were measured faster than dense, per shape and row count, before
+    # timing; dense models are left as they are.
     semi_structured: bool = False
     # (format, kernel) pairs: run the layers of that format with another kernel than the measured
     # default, e.g. (("int4", "triton"),); QuantizedLinear.set_kernel checks and applies them.
@@ -76,15 +78,20 @@ def measure_ceilings(cfg: BenchConfig, device, dtype: torch.dtype) -> dict:
 
 def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
     """One row: our engine on `model` (already on `device`, eval mode)."""
-    semi = cfg.semi_structured and is_cuda(device) and is_2of4_model(model)
-    converted = materialize_2of4(model) if semi else []
+    semi = None
+    if cfg.semi_structured and is_cuda(device) and is_2of4_model(model):
+        rows = sorted({*cfg.batches, *(batch * length for batch, length in cfg.prefill)})
+        semi = materialize_2of4_where_faster(model, rows, linear_timer(device))
     chosen = choose_kernels(model, cfg.kernel_choices)
     engine = Engine(model)
     vocab = model.config.vocab_size
     weights = weight_bytes(model)
     row = {"name": name, "runner": "compress engine (static cache, own token loop)",
            "compiled": cfg.compile, "parameters": parameter_count(model),
-           "weight_bytes": weights, "semi_structured_linears": len(converted),
+           "weight_bytes": weights,
+           "semi_structured_linears": sum(c != "dense" for c in semi["linears"].values())
+           if semi else 0,
+           "semi_structured_shapes": semi["shapes"] if semi else None,
            "kernel_choice_layers": chosen,
            "prefill": [], "decode": []}
     matmul = ceil["matmul"]["flop_per_s"]
@@ -145,7 +152,8 @@ def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, devi
     if kernels is None:  # uncompiled, the loop's last forward was a decode step: read its labels
         kernels = linear_kernels(engine.model)
     seconds = timing["median_s"]
-    step_bytes = decode_bytes_per_step(weights, engine, cfg.prompt + (cfg.new + 1) / 2)
+    step_bytes = decode_bytes_per_step(weights, engine, cfg.prompt + (cfg.new + 1) / 2) \
+        - unread_bytes(engine.model, batch)
     bandwidth = ceil["copy"]["bytes_per_s"]
     ms_per_token = seconds / cfg.new * 1e3
     roofline_ms = step_bytes / bandwidth * 1e3
@@ -165,6 +173,27 @@ def decode_bytes_per_step(weights: dict, engine: Engine, mean_context: float) ->
     weight_read = weights["total"] - (0 if tied else weights["embedding"])
     kv_full = engine.kv_cache_bytes()
     return weight_read + kv_full * mean_context / engine.max_len
+
+
+def unread_bytes(model: nn.Module, rows: int) -> int:
+    """Stored bytes that a forward of `rows` rows leaves alone: the other form of each linear
+    that keeps a dense and a 2:4 semi-structured weight (SemiStructuredLinear)."""
+    return sum(size for m in model.modules() if hasattr(m, "unread_weight")
+               for _, size in stored_tensors(m.unread_weight(rows)))
+
+
+def linear_timer(device):
+    """timer(weight, rows) -> seconds per F.linear of `rows` random rows (medians of CUDA-event
+    timings of back-to-back calls): how materialize_2of4_where_faster compares dense and 2:4."""
+    def timer(weight: torch.Tensor, rows: int) -> float:
+        x = torch.randn(rows, weight.shape[1], device=device, dtype=weight.dtype)
+        calls = 20 if rows <= 64 else 3
+
+        def run():
+            for _ in range(calls):
+                F.linear(x, weight)
+        return time_it(run, device, 2, 5)["median_s"] / calls
+    return timer
 
 
 def prefill_flops(model: nn.Module, batch: int, length: int) -> float:

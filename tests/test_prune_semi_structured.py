@@ -9,8 +9,9 @@ import torch
 
 from compress.errors import UserError
 from compress.prune import masks
-from compress.prune.semi_structured import (check_2of4, is_2of4_model, materialize_2of4,
-                                            to_semi_structured)
+from compress.prune.semi_structured import (SemiStructuredLinear, check_2of4, is_2of4_model,
+                                            materialize_2of4, materialize_2of4_where_faster,
+                                            sparse_wins_from, to_semi_structured)
 
 
 def _pruned_2of4(rows=128, cols=256, dtype=torch.float16, device="cpu"):
@@ -36,6 +37,75 @@ def test_materialize_checks_every_layer_before_converting_any(tiny_model):
     with pytest.raises(UserError, match="model.layers.0.self_attn.q_proj is not 2:4 sparse"):
         materialize_2of4(tiny_model)
     assert all(type(p) is torch.nn.Parameter for p in tiny_model.parameters())
+
+
+def test_sparse_wins_from_the_smallest_rows_after_which_it_always_wins():
+    times = {1: (1.0, 2.0), 8: (1.0, 1.5), 256: (3.0, 2.0), 2048: (9.0, 6.0)}
+    assert sparse_wins_from(times) == 256
+    assert sparse_wins_from({1: (1.0, 0.5), 2048: (9.0, 6.0)}) == 1          # everywhere
+    assert sparse_wins_from({1: (1.0, 2.0), 2048: (9.0, 9.5)}) is None       # nowhere
+    # A win at 8 rows with a loss above it is noise or a kernel quirk, not a regime.
+    assert sparse_wins_from({1: (1.0, 2.0), 8: (1.0, 0.5), 256: (3.0, 4.0), 2048: (9.0, 6.0)}) \
+        == 2048
+
+
+def _pruned_model(tiny_model, tokens):
+    from compress.calibration import CalibrationData
+    from compress.passes import build_config, pass_table
+
+    spec = pass_table()["magnitude"]
+    return spec.apply(tiny_model, build_config(spec, {"pattern": "2:4"}), CalibrationData(tokens))
+
+
+def test_where_faster_keeps_dense_sparse_or_both_per_shape_as_measured(tiny_model, tokens):
+    """On the CPU, with a stand-in for the sparse tensor (a copy marked as sparse) and a timer that
+    makes sparse win: nowhere for q_proj's shape, from 256 rows for the MLP's, everywhere for
+    k_proj's. Outputs are unchanged; storage follows the choice."""
+    from evaluate.bench import unread_bytes
+    from evaluate.memory import weight_bytes
+
+    model = _pruned_model(tiny_model, tokens)
+    ids = torch.randint(1, 256, (1, 300))
+    with torch.no_grad():
+        before = model(ids).logits
+    sparse_ids = set()
+
+    def convert(weight, name):
+        copy_ = weight.detach().clone()
+        sparse_ids.add(id(copy_))
+        return copy_
+
+    def timer(weight, rows):
+        shape, sparse = tuple(weight.shape), id(weight) in sparse_ids
+        c = model.config
+        if shape == (c.num_attention_heads * c.head_dim, c.hidden_size):     # q_proj, o_proj
+            return 1.0 if sparse else 0.5
+        if shape[0] == c.num_key_value_heads * c.head_dim:                   # k_proj, v_proj
+            return 0.5 if sparse else 1.0
+        return (0.5 if rows >= 256 else 2.0) if sparse else 1.0              # MLP
+
+    dense_bytes = weight_bytes(model)["linear"]
+    report = materialize_2of4_where_faster(model, [1, 8, 256, 2048], timer, convert=convert)
+    layer = model.model.layers[0]
+    assert report["linears"]["model.layers.0.self_attn.q_proj"] == "dense"
+    assert report["linears"]["model.layers.0.self_attn.k_proj"] == "sparse"
+    assert report["linears"]["model.layers.0.mlp.up_proj"] == "sparse from 256 rows"
+    assert report["shapes"][f"{layer.mlp.up_proj.out_features}x64"]["sparse_from_rows"] == 256
+    assert type(layer.self_attn.q_proj) is torch.nn.Linear
+    assert id(layer.self_attn.k_proj.weight) in sparse_ids
+    mlp = layer.mlp.down_proj
+    assert isinstance(mlp, SemiStructuredLinear) and mlp.min_rows == 256
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    assert mlp.kernel.startswith("semi-structured")                  # 300 rows: sparse
+    with torch.no_grad():
+        model(ids[:, :8])
+    assert mlp.kernel.startswith("torch.nn.functional.linear")       # 8 rows: dense
+    # The MLP keeps both forms; a decode step reads one of them.
+    mlp_bytes = sum(m.weight.nbytes for lyr in model.model.layers
+                    for m in (lyr.mlp.gate_proj, lyr.mlp.up_proj, lyr.mlp.down_proj))
+    assert weight_bytes(model)["linear"] == dense_bytes + mlp_bytes
+    assert unread_bytes(model, 1) == unread_bytes(model, 2048) == mlp_bytes
 
 
 def test_only_models_whose_every_linear_is_2of4_count_as_2of4(tiny_model, tokens):
@@ -64,8 +134,12 @@ def test_bench_times_a_2of4_model_with_semi_structured_kernels(tokens):
     cfg = BenchConfig(batches=(1,), prompt=16, new=4, prefill=((1, 64),), warmup=0, repeats=1,
                       semi_structured=True)
     row = bench_engine(model, cfg, "cuda", "2:4", measure_ceilings(cfg, "cuda", torch.bfloat16))
-    assert row["semi_structured_linears"] == 7 * 30
-    assert "tensor subclass" in row["kernels"]["mlp.down_proj"]
+    shapes = row["semi_structured_shapes"]
+    assert set(shapes) == {"576x576", "192x576", "1536x576", "576x1536"}
+    for shape in shapes.values():  # measured at the decode batch and the prefill tokens
+        assert set(shape["us"]) == {1, 64} and shape["sparse_from_rows"] in (None, 1, 64)
+        assert all(t["dense"] > 0 and t["sparse"] > 0 for t in shape["us"].values())
+    assert 0 <= row["semi_structured_linears"] <= 7 * 30
 
 
 @pytest.mark.gpu
@@ -94,3 +168,23 @@ def test_materialize_2of4_model_keeps_its_logits(tokens):
         after = model(tokens.cuda()).logits.float()
     assert len(names) == 7 * model.config.num_hidden_layers
     assert torch.allclose(after, before, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+def test_both_forms_of_a_semi_structured_linear_give_the_dense_logits(tokens):
+    from compress.sources import load_random
+
+    model = _pruned_model(load_random("smollm2-135m", torch.float16, device="cuda").model, tokens)
+
+    def sparse_from_256(weight, rows):  # forces the mixed choice on every shape
+        sparse = type(weight) not in (torch.Tensor, torch.nn.Parameter)
+        return (0.5 if rows >= 256 else 2.0) if sparse else 1.0
+
+    ids = tokens.repeat(1, 5).cuda()  # 320 tokens
+    with torch.no_grad():
+        before = [model(ids).logits.float(), model(ids[:, :8]).logits.float()]
+        report = materialize_2of4_where_faster(model, [1, 256], sparse_from_256)
+        after = [model(ids).logits.float(), model(ids[:, :8]).logits.float()]
+    assert set(report["linears"].values()) == {"sparse from 256 rows"}
+    for a, b in zip(after, before):
+        assert torch.allclose(a, b, rtol=5e-2, atol=5e-2)

@@ -33,7 +33,8 @@ def add_parser(subparsers) -> None:
                         "coordinate descent, as gpt-fast does); longer compile")
     p.add_argument("--semi-structured", action="store_true",
                    help="on CUDA, run a 2:4-pruned model's linears as semi-structured sparse "
-                        "tensors (cuSPARSELt/CUTLASS); dense models are unchanged")
+                        "tensors (cuSPARSELt/CUTLASS) at the row counts where each shape "
+                        "measured faster than dense; dense models are unchanged")
     p.add_argument("--kernel", default="", metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton,int8=triton (compress/formats/triton_kernels.py: a GEMV for one "

@@ -2,17 +2,25 @@
 
 Choosing the mask is compress.prune.masks / sparsegpt; this only converts weights that already
 have the 2:4 pattern (saved checkpoints keep dense zeros, which load anywhere). The fast-inference
-benchmark calls `materialize_2of4(model)` on CUDA when asked (`compress bench --semi-structured`,
-`compress sweep --bench-semi-structured`) and the model is 2:4 (`is_2of4_model`).
+benchmark calls `materialize_2of4_where_faster(model, rows, timer)` on CUDA when asked (`compress
+bench --semi-structured`, `compress sweep --bench-semi-structured`) and the model is 2:4
+(`is_2of4_model`): the sparse kernels are taken only at the row counts where they were measured
+to beat the dense matmul (an H100 measured them at 0.76x of dense even at 2048 tokens).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from compress.adapters import decoder_linears
+from compress.adapters import decoder_linears, set_submodule
 from compress.errors import UserError
 from compress.prune.masks import is_nm
+
+SPARSE_KERNEL = "semi-structured 2:4 (cuSPARSELt / CUTLASS)"
+DENSE_KERNEL = "torch.nn.functional.linear (dense: 2:4 measured slower here)"
 
 
 def check_2of4(weight: torch.Tensor, name: str = "weight") -> None:
@@ -52,19 +60,104 @@ def is_2of4_model(model: nn.Module) -> bool:
     return bool(linears) and all(is_nm(m.weight != 0, 2, 4, exact=False) for m in linears)
 
 
-def materialize_2of4(model: nn.Module) -> list[str]:
-    """Swap the weight of every 2:4 decoder nn.Linear for its semi-structured form, in place.
-
-    All are checked before any is converted, so a model is never left half converted. Returns
-    the converted names; F.linear then dispatches to the sparse kernels.
-    """
+def _checked_2of4_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every float nn.Linear of the decoder layers, all checked before any is converted, so that
+    a model is never left half converted."""
     linears = [(name, m) for name, m in decoder_linears(model) if isinstance(m, nn.Linear)]
     if not linears:
         raise UserError("no float nn.Linear in the decoder layers to make semi-structured")
     for name, linear in linears:
         check_2of4(linear.weight, name)
+    return linears
+
+
+def materialize_2of4(model: nn.Module) -> list[str]:
+    """Swap the weight of every 2:4 decoder nn.Linear for its semi-structured form, in place,
+    whatever the speed. Returns the converted names; F.linear then dispatches to the sparse
+    kernels."""
     converted = [(name, linear, to_semi_structured(linear.weight, name))
-                 for name, linear in linears]
+                 for name, linear in _checked_2of4_linears(model)]
     for _, linear, sparse in converted:
         linear.weight = nn.Parameter(sparse, requires_grad=False)
     return [name for name, _, _ in converted]
+
+
+class SemiStructuredLinear(nn.Module):
+    """A 2:4 linear that keeps both forms: the semi-structured weight from `min_rows` rows on,
+    where it was measured faster, and the dense weight below (decode, typically). Storing both is
+    the memory price of taking the sparse kernels only where they win; `unread_bytes` says which
+    form a forward of so many rows leaves alone (`unread_weight`)."""
+
+    def __init__(self, linear: nn.Linear, sparse: torch.Tensor, min_rows: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.sparse_weight = nn.Parameter(sparse, requires_grad=False)
+        self.min_rows = min_rows
+        self.kernel = DENSE_KERNEL
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sparse = x.numel() // x.shape[-1] >= self.min_rows
+        if not torch.compiler.is_compiling():
+            self.kernel = SPARSE_KERNEL if sparse else DENSE_KERNEL
+        return F.linear(x, self.sparse_weight if sparse else self.weight, self.bias)
+
+    def unread_weight(self, rows: int) -> torch.Tensor:
+        """The form a forward of `rows` rows does not read."""
+        return self.weight if rows >= self.min_rows else self.sparse_weight
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, 2:4 from {self.min_rows} rows"
+
+
+def sparse_wins_from(times: dict[int, tuple[float, float]]) -> int | None:
+    """From {rows: (dense seconds, sparse seconds)}: the smallest row count from which sparse
+    is faster at it and at every larger one measured; None where it does not win at the largest."""
+    start = None
+    for rows in sorted(times, reverse=True):
+        dense, sparse = times[rows]
+        if sparse >= dense:
+            break
+        start = rows
+    return start
+
+
+def _time_or_inf(timer, weight: torch.Tensor, rows: int) -> float:
+    try:
+        return timer(weight, rows)
+    except RuntimeError:  # a row count the sparse kernels refuse: they do not win there
+        return float("inf")
+
+
+def materialize_2of4_where_faster(model: nn.Module, rows: list[int],
+                                  timer: Callable[[torch.Tensor, int], float],
+                                  convert: Callable = to_semi_structured) -> dict:
+    """Semi-structured weights only where they win, in place. For each shape of linear, the
+    first layer's weight is timed dense and sparse at each of `rows` (`timer(weight, rows)` ->
+    seconds per product); every linear of that shape then runs sparse at all rows (a plain
+    sparse weight: smaller), from some row count on (`SemiStructuredLinear`: both weights), or
+    never (left dense). Returns the measurements and the choice per shape and per linear."""
+    linears = _checked_2of4_linears(model)
+    shapes: dict[str, dict] = {}
+    for name, linear in linears:
+        shape = f"{linear.out_features}x{linear.in_features}"
+        if shape not in shapes:
+            sparse = convert(linear.weight, name)
+            times = {r: (timer(linear.weight, r), _time_or_inf(timer, sparse, r))
+                     for r in sorted(set(rows))}
+            shapes[shape] = {"sparse_from_rows": sparse_wins_from(times),
+                             "us": {r: {"dense": d * 1e6, "sparse": s * 1e6}
+                                    for r, (d, s) in times.items()}}
+    choices = {}
+    for name, linear in linears:
+        start = shapes[f"{linear.out_features}x{linear.in_features}"]["sparse_from_rows"]
+        if start is None:
+            choices[name] = "dense"
+        elif start == min(rows):
+            linear.weight = nn.Parameter(convert(linear.weight, name), requires_grad=False)
+            choices[name] = "sparse"
+        else:
+            set_submodule(model, name, SemiStructuredLinear(linear, convert(linear.weight, name),
+                                                            start))
+            choices[name] = f"sparse from {start} rows"
+    return {"shapes": shapes, "linears": choices}
