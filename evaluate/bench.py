@@ -13,6 +13,7 @@ from compress.adapters import adapter_for, decoder_linears
 from compress.errors import UserError
 from compress.prune.semi_structured import is_2of4_model, materialize_2of4_where_faster
 from evaluate.engine import Engine, random_tokens
+from evaluate.fuse import fuse_projections
 from evaluate.memory import parameter_count, stored_tensors, weight_bytes
 from evaluate.timing import PeakMemory, ceilings, is_cuda, synchronize, time_it
 
@@ -38,6 +39,8 @@ class BenchConfig:
     # CUTLASS) where they were measured faster than dense, per shape and row count, before
     # timing; dense models are left as they are.
     semi_structured: bool = False
+    # Run q/k/v and gate/up as one matmul each (evaluate/fuse.py), as inference engines do.
+    fuse_projections: bool = False
     # (format, kernel) pairs: run the layers of that format with another kernel than the measured
     # default, e.g. (("int4", "triton"),); QuantizedLinear.set_kernel checks and applies them.
     kernel_choices: tuple[tuple[str, str], ...] = ()
@@ -66,6 +69,7 @@ class BenchConfig:
                 "inputs": "random token ids in [1, vocab)", "compile": self.compile,
                 "tune_kernels": self.tune_kernels,
                 "semi_structured": self.semi_structured,
+                "fuse_projections": self.fuse_projections,
                 "kernel_choices": dict(self.kernel_choices), "device": str(device)}
 
 
@@ -77,22 +81,33 @@ def measure_ceilings(cfg: BenchConfig, device, dtype: torch.dtype) -> dict:
 
 
 def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
-    """One row: our engine on `model` (already on `device`, eval mode)."""
+    """One row: our engine on `model` (already on `device`, eval mode). Fused projections are
+    undone afterwards; a 2:4 model keeps its semi-structured weights."""
     semi = None
     if cfg.semi_structured and is_cuda(device) and is_2of4_model(model):
         rows = sorted({*cfg.batches, *(batch * length for batch, length in cfg.prefill)})
         semi = materialize_2of4_where_faster(model, rows, linear_timer(device))
+    fused = fuse_projections(model) if cfg.fuse_projections else None
+    try:
+        row = _bench_engine(model, cfg, device, name, ceil)
+    finally:
+        if fused is not None:
+            fused.undo()
+    row["semi_structured_linears"] = sum(c != "dense" for c in semi["linears"].values()) \
+        if semi else 0
+    row["semi_structured_shapes"] = semi["shapes"] if semi else None
+    row["fused_projection_groups"] = len(fused.groups) if fused else 0
+    return row
+
+
+def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
     chosen = choose_kernels(model, cfg.kernel_choices)
     engine = Engine(model)
     vocab = model.config.vocab_size
     weights = weight_bytes(model)
     row = {"name": name, "runner": "compress engine (static cache, own token loop)",
            "compiled": cfg.compile, "parameters": parameter_count(model),
-           "weight_bytes": weights,
-           "semi_structured_linears": sum(c != "dense" for c in semi["linears"].values())
-           if semi else 0,
-           "semi_structured_shapes": semi["shapes"] if semi else None,
-           "kernel_choice_layers": chosen,
+           "weight_bytes": weights, "kernel_choice_layers": chosen,
            "prefill": [], "decode": []}
     matmul = ceil["matmul"]["flop_per_s"]
     for batch, length in cfg.prefill:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from compress.reports.content import runtime_options
 from evaluate.bench import BenchConfig, bench_engine, measure_ceilings, sync_and_free
 from evaluate.peers import run_peer
 from evaluate.results import environment
@@ -18,15 +19,20 @@ def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,
     model = loaded.model
     progress(f"measuring ceilings on {device}")
     ceil = measure_ceilings(cfg, device, dtype)
-    progress(f"benchmarking {source} with the compress engine")
-    rows = [bench_engine(model, cfg, device, "compress", ceil)]
-    # The hf peers run on our model object; the quantized peers load their own copies after it.
-    for peer in sorted(cfg.peers, key=lambda name: not name.startswith("hf")):
+    # The hf peers time our model object as loaded: before our engine, whose runtime transforms
+    # (semi-structured 2:4 weights, fused projections) change it in place.
+    hf_rows = []
+    for peer in [p for p in cfg.peers if p in ("hf", "hf-eager")]:
         progress(f"peer {peer}")
-        if peer not in ("hf", "hf-eager") and model is not None:
-            # Quantized peers load their own copy: free ours first (an 8B bf16 model is 16 GB).
-            model = loaded.model = None
-            sync_and_free(device)
+        hf_rows.append(run_peer(peer, model, source, cfg, device, ceil))
+        sync_and_free(device)
+    progress(f"benchmarking {source} with the compress engine")
+    rows = [bench_engine(model, cfg, device, "compress", ceil), *hf_rows]
+    # The quantized peers load their own copies: free ours first (an 8B bf16 model is 16 GB).
+    model = loaded.model = None
+    sync_and_free(device)
+    for peer in [p for p in cfg.peers if p not in ("hf", "hf-eager")]:
+        progress(f"peer {peer}")
         rows.append(run_peer(peer, model, source, cfg, device, ceil))
     env = environment()
     if torch.device(device).type != "cuda":
@@ -50,8 +56,7 @@ def markdown(doc: dict) -> str:
              + (f", driver {env.get('driver')}" if env.get("driver") else ""),
              f"- Protocol: prompt {proto['prompt']}, {proto['new_tokens']} new tokens, "
              f"{proto['decode']}; median of {proto['repeats']} after {proto['warmup']} warm-up; "
-             f"compile {proto['compile']}"
-             f"{' (Triton kernels tuned)' if proto.get('tune_kernels') else ''}; {proto['inputs']}",
+             f"compile {runtime_options(proto)}; {proto['inputs']}",
              f"- Ceilings measured in this run on {ceil['device']}: copy "
              f"{ceil['copy']['bytes_per_s'] / 1e9:,.1f} GB/s (read + write), "
              f"{ceil['matmul']['dtype']} {ceil['matmul']['n']}^3 matmul "

@@ -10,6 +10,8 @@
 #   bash scripts/gpu_checks.sh triton     # the Triton GEMV / GEMM: GPU tests, int4 / int8 with them
 #   bash scripts/gpu_checks.sh inductor   # int4 / int8 through inductor's fused dequantize-GEMV with
 #                                         # coordinate-descent-tuned kernels (--tune-kernels)
+#   bash scripts/gpu_checks.sh fused      # bf16 / int4 / int8 with q/k/v and gate/up fused
+#                                         # (--bench-fuse-projections), against `short`'s figures
 #   bash scripts/gpu_checks.sh smollm2    # speed of the SmolLM2 sweep's recipes (issue 7), joined
 #                                         # with its CPU quality by `compress report --speed-from`
 #   bash scripts/gpu_checks.sh short      # what one 15-minute lease holds: the kernel tests, the
@@ -18,6 +20,14 @@
 #                                         # eager; each step under a time limit (T_KERNELS,
 #                                         # T_KERNEL_BENCH, T_SWEEP, T_BENCH; 0 skips a step);
 #                                         # everything packed in $OUT/gpu-short.tgz
+#
+# A 15-minute lease, spent as reports/h200-llama3-8b suggests (machine start and idle count too):
+#   1. T_KERNELS=150 T_KERNEL_BENCH=100 T_SWEEP=300 T_BENCH=0 bash scripts/gpu_checks.sh short
+#      (device timeout_s 590; carry .whl only for `bench`): the 32 GPU tests, per-shape kernel
+#      timings (int4 fused GEMV at 0.5 byte per weight now, coordinate-descent-tuned columns),
+#      then W8A8, 2:4, mlp25, layers-drop4, FP8, int4, int8 at batch 1 against bf16.
+#   2. `inductor` (int4 / int8 decode through tuned inductor GEMVs), `fused`, `smollm2`, `gptq`,
+#      `bench` (carry .whl for its bitsandbytes and torchao peers).
 #
 # Figures land in $OUT (default: $OUT of the device tool, else reports/gpu-<shape>); copy them
 # into reports/ with the GPU name. The device image has torch, transformers, pandas, pyyaml,
@@ -132,6 +142,14 @@ if run_stage inductor; then
         "${SWEEP_B1[@]}" $([ ${#COMPILE[@]} -gt 0 ] && echo --bench-tune-kernels) \
         --bench-kernel int4=fused-gemv --out "$OUT/sweep-inductor" --overwrite \
         --title "$MODEL on $DEVICE, batch 1: int4 / int8 through tuned inductor GEMVs" || true
+fi
+if run_stage fused; then
+    # Four matmuls per decode layer instead of seven (evaluate/fuse.py); the baseline is fused too.
+    [ -n "${SMALL:-}" ] && INT4=recipes/int4-g64-sym.yaml || INT4=recipes/int4-g128-sym.yaml
+    compress sweep "$INT4" recipes/int8-channel.yaml --model "$MODEL" --device "$DEVICE" \
+        --corpus random --windows 1 --seq-len 512 --bench "${COMPILE[@]}" --bench-batch 1 \
+        "${SWEEP_B1[@]}" --bench-fuse-projections --out "$OUT/sweep-fused" --overwrite \
+        --title "$MODEL on $DEVICE, batch 1: q/k/v and gate/up fused" || true
 fi
 if run_stage smollm2; then
     # Issue 7: the speed of reports/smollm2-135m-sweep's seven recipes, timed on random weights of

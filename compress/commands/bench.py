@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
                    help="on CUDA, run a 2:4-pruned model's linears as semi-structured sparse "
                         "tensors (cuSPARSELt/CUTLASS) at the row counts where each shape "
                         "measured faster than dense; dense models are unchanged")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="run q/k/v and gate/up as one matmul each, as inference engines do "
+                        "(fewer, larger kernels per decode step)")
     p.add_argument("--kernel", default="", metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton,int8=triton (compress/formats/triton_kernels.py: a GEMV for one "
@@ -95,6 +98,7 @@ def build_bench_config(settings, flag, **extra) -> BenchConfig:
                        tune_kernels=settings.tune_kernels,
                        warmup=settings.warmup, repeats=settings.repeats,
                        semi_structured=settings.semi_structured,
+                       fuse_projections=settings.fuse_projections,
                        kernel_choices=parse_kernel_choices(settings.kernel, flag("kernel")),
                        **extra)
 
@@ -112,7 +116,8 @@ def run(args) -> int:
     settings = BenchSettings(batches=args.batch, prompt=args.prompt, new=args.new,
                              prefill=args.prefill, warmup=args.warmup, repeats=args.repeats,
                              compile=args.compile, tune_kernels=args.tune_kernels,
-                             semi_structured=args.semi_structured, kernel=args.kernel)
+                             semi_structured=args.semi_structured,
+                             fuse_projections=args.fuse_projections, kernel=args.kernel)
     flags = {"batches": "--batch", "kernel": "--kernel", "compile": "--compile",
              "tune_kernels": "--tune-kernels"}
     cfg = build_bench_config(settings, flags.get,

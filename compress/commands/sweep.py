@@ -64,6 +64,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--bench-kernel", default="", metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton; layers of other formats keep theirs")
+    b.add_argument("--bench-fuse-projections", action="store_true",
+                   help="time with q/k/v and gate/up as one matmul each (the baseline too)")
     b.add_argument("--bench-semi-structured", action="store_true",
                    help="on CUDA, time 2:4-pruned recipes with semi-structured sparse weights "
                         "where they measure faster than dense")
@@ -77,7 +79,8 @@ def bench_config(args):
                              new=args.bench_new, prefill=args.bench_prefill,
                              warmup=args.bench_warmup, repeats=args.bench_repeats,
                              compile=args.compile, tune_kernels=args.bench_tune_kernels,
-                             semi_structured=args.bench_semi_structured, kernel=args.bench_kernel)
+                             semi_structured=args.bench_semi_structured,
+                             fuse_projections=args.bench_fuse_projections, kernel=args.bench_kernel)
     return build_bench_config(settings, {"batches": "--bench-batch", "kernel": "--bench-kernel",
                                          "compile": "--compile",
                                          "tune_kernels": "--bench-tune-kernels"}.get)

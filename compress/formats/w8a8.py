@@ -49,7 +49,7 @@ def int_mm_padded(qx: torch.Tensor, qw_t: torch.Tensor, min_rows: int) -> torch.
     return torch._int_mm(padded, qw_t)[:rows]
 
 
-def int_mm_ok(device: torch.device, m: int, k: int, n: int) -> bool:
+def int_mm_ok(device: torch.device, m: int, k: int, n: int, cpu_fast: bool) -> bool:
     """Whether `torch._int_mm` is the fast choice for an [m, k] x [k, n] product here.
 
     CUDA (cuBLAS int8 GEMM) needs k, n multiples of 8 and m > 16; smaller m (decode) is padded
@@ -61,8 +61,13 @@ def int_mm_ok(device: torch.device, m: int, k: int, n: int) -> bool:
     if device.type == "cuda":
         return k % 8 == 0 and n % 8 == 0
     if device.type == "cpu":
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+        return cpu_fast
     return False
+
+
+def cpu_has_fast_int8_matmul() -> bool:
+    """AVX-512 or AMX: `_int_mm` beats the float reference on this CPU (see int_mm_ok)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 
 
 class W8A8Linear(RowScaledLinear):
@@ -72,8 +77,13 @@ class W8A8Linear(RowScaledLinear):
     description = "w8 per channel, a8 per token"
     quantize_rows = staticmethod(quantize_rows)
 
+    def _register_storage(self, dtype: torch.dtype) -> None:
+        super()._register_storage(dtype)
+        # Asked once here: dynamo cannot trace a string-valued query inside a compiled forward.
+        self.cpu_fast_int8 = cpu_has_fast_int8_matmul()
+
     def fast_fits(self, device: torch.device, rows: int) -> bool:
-        return int_mm_ok(device, rows, self.in_features, self.out_features)
+        return int_mm_ok(device, rows, self.in_features, self.out_features, self.cpu_fast_int8)
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The real int8 matmul: exact int32 accumulation, then both scales in float32."""

@@ -127,6 +127,14 @@ def _task_note(base: dict) -> str:
                                                                 else ""))
 
 
+def runtime_options(proto: dict) -> str:
+    """How the timed model ran, from a speed protocol: 'True (Triton kernels tuned, ...)'."""
+    extras = [text for key, text in (("tune_kernels", "Triton kernels tuned"),
+                                     ("fuse_projections", "q/k/v and gate/up fused"))
+              if proto.get(key)]
+    return f"{proto.get('compile')}" + (f" ({', '.join(extras)})" if extras else "")
+
+
 def _speed_blocks(frame, base, prefill, batches) -> list[tuple]:
     headers = ["recipe", "measured on"]
     for shape in prefill:
@@ -145,11 +153,10 @@ def _speed_blocks(frame, base, prefill, batches) -> list[tuple]:
                       fmt(r.get(f"decode_speedup_b{b}"), 2), fmt(r.get(f"roofline_pct_b{b}"), 1)]
         rows.append(cells)
     proto = base["protocol"].get("speed") or {}
-    tuned = " (Triton kernels tuned)" if proto.get("tune_kernels") else ""
     note = (f"compress engine (static KV cache, own token loop): decode prompt "
             f"{proto.get('prompt')}, {proto.get('new_tokens')} new tokens, greedy, no early stop; "
             f"median of {proto.get('repeats')} after {proto.get('warmup')} warm-up; compile "
-            f"{proto.get('compile')}{tuned}; inputs {proto.get('inputs')}. Speed-up is over the "
+            f"{runtime_options(proto)}; inputs {proto.get('inputs')}. Speed-up is over the "
             "baseline measured in the same run. % roofline = the bytes a step must read over "
             "the copy bandwidth measured in the same run.")
     devices = set(frame.get("speed_device", pd.Series(dtype=object)).dropna())

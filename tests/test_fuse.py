@@ -1,0 +1,126 @@
+"""Fused projections (evaluate/fuse.py): q/k/v and gate/up as one matmul each give the model's
+own outputs, eagerly and in the compiled decode step, for float and quantized layers."""
+import copy
+
+import pytest
+import torch
+
+from compress.formats.w8a8 import W8A8Linear
+from compress.recipe import apply_recipe, recipe_from_dict
+from evaluate.bench import linear_kernels, prefill_flops
+from evaluate.engine import Engine, random_tokens
+from evaluate.fuse import FusedProjection, ProjectionSlice, fuse_projections
+from evaluate.memory import parameter_count, weight_bytes
+
+
+@pytest.fixture(scope="module")
+def lively():
+    from compress.sources import load_random
+
+    model = load_random("tiny").model.eval()
+    with torch.no_grad():
+        for param in model.parameters():  # larger weights: greedy tokens that vary
+            param.normal_(0, 0.15, generator=torch.Generator().manual_seed(param.numel()))
+    return model
+
+
+def _w8a8(model):
+    from compress.adapters import decoder_linears, set_submodule
+
+    for name, linear in decoder_linears(model):
+        set_submodule(model, name, W8A8Linear.from_float(linear))
+    return model
+
+
+VARIANTS = {
+    "float": lambda m: m,
+    "int8": lambda m: apply_recipe(m, recipe_from_dict(
+        {"passes": [{"pass": "rtn", "bits": 8, "group_size": 0}]}, "int8")),
+    "int4-asym": lambda m: apply_recipe(m, recipe_from_dict(
+        {"passes": [{"pass": "rtn", "bits": 4, "group_size": 32, "symmetric": False}]}, "int4")),
+    "w8a8": _w8a8,
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_model_gives_the_same_logits_and_compiled_tokens(lively, variant):
+    model = VARIANTS[variant](copy.deepcopy(lively))
+    fused = copy.deepcopy(model)
+    done = fuse_projections(fused)
+    layers = lively.config.num_hidden_layers
+    assert len(done.groups) == 2 * layers
+    attention = fused.model.layers[0].self_attn
+    assert isinstance(attention.q_proj, FusedProjection)
+    assert isinstance(attention.k_proj, ProjectionSlice)
+    assert isinstance(fused.model.layers[0].mlp.up_proj, ProjectionSlice)
+    ids = random_tokens(2, 12, 256, "cpu", seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    plain, compiled = Engine(model), Engine(fused)
+    plain.allocate(2, 32)
+    compiled.allocate(2, 32)
+    compiled.compile_decode()
+    assert torch.equal(compiled.generate(ids, 10).tokens, plain.generate(ids, 10).tokens)
+    # The accounting sees the same model: bytes, parameters, FLOPs.
+    assert weight_bytes(fused) == weight_bytes(model)
+    assert parameter_count(fused) == parameter_count(model)
+    assert prefill_flops(fused, 1, 16) == prefill_flops(model, 1, 16)
+    kernels = linear_kernels(fused)
+    assert kernels["self_attn.q_proj"].startswith("FusedProjection: fused: ")
+    assert kernels["mlp.up_proj"] == "ProjectionSlice: computed by gate_proj's fused matmul"
+    # Undone: the original modules, their tensors now views of the fused ones (no copy, no
+    # extra memory), the same outputs, and a model that compresses like any other.
+    done.undo()
+    q_proj = fused.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is type(model.model.layers[0].self_attn.q_proj)
+    assert weight_bytes(fused) == weight_bytes(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_groups_of_mixed_kinds_stay_as_they_are(lively):
+    model = copy.deepcopy(lively)
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj = W8A8Linear.from_float(mlp.up_proj)  # gate float, up W8A8: not one matmul
+    done = fuse_projections(model)
+    assert len(done.groups) == 2 * lively.config.num_hidden_layers - 1
+    assert type(mlp.gate_proj) is torch.nn.Linear and isinstance(mlp.up_proj, W8A8Linear)
+
+
+def test_a_slice_called_out_of_order_fails_loudly(lively):
+    model = copy.deepcopy(lively)
+    fuse_projections(model)
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(1, 3, lively.config.hidden_size)
+    with pytest.raises(RuntimeError, match="k_proj ran before q_proj"):
+        attention.k_proj(x)
+    attention.q_proj(x)
+    attention.k_proj(x)
+    with pytest.raises(RuntimeError, match="k_proj ran before q_proj"):
+        attention.k_proj(x)  # each output is handed back once
+
+
+def test_bench_records_the_fusion(tmp_path):
+    import json
+
+    from compress.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "random:tiny", "--batch", "1", "--prompt", "8", "--new", "2",
+                 "--prefill", "1x8", "--warmup", "0", "--repeats", "1", "--peers", "none",
+                 "--fuse-projections", "--out", str(out)]) in (0, None)
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["protocol"]["fuse_projections"] is True
+    assert doc["rows"][0]["fused_projection_groups"] == 4
+    assert "q/k/v and gate/up fused" in (out / "bench.md").read_text()
+
+
+def test_an_undone_fusion_leaves_a_model_that_compresses(lively):
+    """A sweep times its baseline (fused), then quantizes the same model for each recipe."""
+    model = copy.deepcopy(lively)
+    fuse_projections(model).undo()
+    quantized = VARIANTS["int4-asym"](model)
+    reference = VARIANTS["int4-asym"](copy.deepcopy(lively))
+    ids = random_tokens(1, 8, 256, "cpu", seed=2)
+    with torch.no_grad():
+        assert torch.equal(quantized(ids).logits, reference(ids).logits)
