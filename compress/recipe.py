@@ -60,6 +60,7 @@ class BenchSettings:
     repeats: int = 5
     compile: bool = False
     tune_kernels: bool = False  # coordinate-descent tuning of the compiled step's Triton kernels
+    compile_prefill: bool = False  # the prefill forward compiled too (one graph per prompt shape)
     semi_structured: bool = False
     fuse_projections: bool = False  # q/k/v and gate/up as one matmul each (evaluate/fuse.py)
     kernel: str = ""  # FORMAT=KERNEL pairs, e.g. "int4=triton"; "" keeps the measured defaults

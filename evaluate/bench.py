@@ -3,6 +3,7 @@ token loop included, memory by component and per phase, the kernel behind each k
 and the decode roofline against the copy bandwidth measured in the same run."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,8 @@ class BenchConfig:
     new: int = 128
     prefill: tuple[tuple[int, int], ...] = ((1, 2048), (8, 512))
     compile: bool = False
+    # Also compile the prefill forward (one graph per prompt shape, no CUDA graphs).
+    compile_prefill: bool = False
     # Inductor's coordinate-descent tuning of the compiled decode step's Triton kernels (the
     # fused dequantize-GEMV is a reduction whose block sizes matter), as gpt-fast compiles; it
     # adds compile time. Needs `compile`.
@@ -67,7 +70,7 @@ class BenchConfig:
                 "repeats": self.repeats, "statistic": "median", "decode": "greedy, no early stop, "
                 "token loop included, first token from the prefill not counted",
                 "inputs": "random token ids in [1, vocab)", "compile": self.compile,
-                "tune_kernels": self.tune_kernels,
+                "tune_kernels": self.tune_kernels, "compile_prefill": self.compile_prefill,
                 "semi_structured": self.semi_structured,
                 "fuse_projections": self.fuse_projections,
                 "kernel_choices": dict(self.kernel_choices), "device": str(device)}
@@ -113,6 +116,8 @@ def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: d
     for batch, length in cfg.prefill:
         engine.allocate(batch, length + 1)
         ids = random_tokens(batch, length, vocab, device, cfg.seed)
+        compile_s = _compile_prefill(engine, ids, device) if cfg.compile_prefill else None
+        kernels = linear_kernels(model)  # from the eager prefill (a compiled one sets none)
         with PeakMemory(device) as peak:
             # Time to first token: the prefill forward and the choice of the first token.
             timing = time_it(lambda: engine.prefill(ids).argmax(-1), device, cfg.warmup,
@@ -124,13 +129,26 @@ def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: d
             "tokens_per_s": batch * length / seconds, "flop_per_s": flops / seconds,
             "pct_of_matmul": 100 * flops / seconds / matmul,
             "kv_cache_bytes": engine.kv_cache_bytes(), "peak_allocated_bytes": peak.peak,
-            "kernels": linear_kernels(model), "timing": timing})
+            "compile_s": compile_s, "kernels": kernels, "timing": timing})
+    engine.compile_prefill(False)  # the decode rows' prompts are not timed: no more compiles
     engine.allocate(1, 2)  # drop the prefill caches before the decode ones
     for batch in cfg.batches:
         row["decode"].append(_bench_decode(engine, cfg, batch, vocab, device, weights, ceil))
     # The headline kernels: the first decode batch's (prefill rows carry their own).
     row["kernels"] = row["decode"][0]["kernels"] if row["decode"] else linear_kernels(model)
     return row
+
+
+def _compile_prefill(engine: Engine, ids: torch.Tensor, device) -> float:
+    """One eager prefill of `ids` (it sets the layers' kernel labels), then the compiled one:
+    returns the seconds its compilation and first run took, reported apart from the timing."""
+    engine.compile_prefill(False)
+    engine.prefill(ids)
+    engine.compile_prefill()
+    started = time.perf_counter()
+    engine.prefill(ids)
+    synchronize(device)
+    return time.perf_counter() - started
 
 
 def choose_kernels(model: nn.Module, choices: tuple[tuple[str, str], ...]) -> int:

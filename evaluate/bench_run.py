@@ -75,13 +75,14 @@ def markdown(doc: dict) -> str:
                          f"{_fmt(d.get('peak_allocated_bytes'), 0, 1e-6)} | "
                          f"{_fmt(d.get('compile_s'), 1)} |")
     lines += ["", "## Prefill", "", "| runner | batch x tokens | TTFT ms | tokens/s | % of matmul "
-              "| peak MB |", "|---|---|---|---|---|---|"]
+              "| peak MB | compile s |", "|---|---|---|---|---|---|---|"]
     for row in doc["rows"]:
         for p in row.get("prefill", []):
             lines.append(f"| {row['name']} | {p['batch']} x {p['tokens']} | "
                          f"{_fmt(p['ttft_ms'], 2)} | {_fmt(p['tokens_per_s'], 0)} | "
                          f"{_fmt(p.get('pct_of_matmul'), 1)} | "
-                         f"{_fmt(p.get('peak_allocated_bytes'), 0, 1e-6)} |")
+                         f"{_fmt(p.get('peak_allocated_bytes'), 0, 1e-6)} | "
+                         f"{_fmt(p.get('compile_s'), 1)} |")
     lines += ["", "## Memory and kernels", "", "| runner | weights MB | embedding MB | linear MB "
               "| lm_head MB | kernels |", "|---|---|---|---|---|---|"]
     for row in doc["rows"]:

@@ -93,6 +93,7 @@ class Engine:
         self.compile_seconds: float | None = None
         self._step = self._eager_step
         self._compiled = None
+        self._prefill_forward = self._eager_prefill_forward
         self._mask: torch.Tensor | None = None     # [batch, max_len] 2D padding mask, or None
         self._offsets: torch.Tensor | None = None  # [batch] left padding per row
         # Quantized layers build their kernel layouts now, outside any timed or compiled region.
@@ -169,9 +170,26 @@ class Engine:
             self._mask.fill_(1)
             self._mask[:, :length] = attention_mask
             mask = self._mask
+        return self._prefill_forward(input_ids, mask, positions)
+
+    def _eager_prefill_forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None,
+                               positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
         return out.logits[:, -1]
+
+    def compile_prefill(self, enabled: bool = True) -> None:
+        """Run the prefill forward through torch.compile (one graph per prompt shape, compiled
+        at its first call; no CUDA graphs: a prompt is one long launch sequence already), so
+        that inductor fuses the element-wise work between the matmuls (norms, rotary
+        embeddings, the MLP's activation), which eagerly makes several passes over memory.
+        `enabled=False` goes back to the eager prefill."""
+        if not enabled:
+            self._prefill_forward = self._eager_prefill_forward
+            return
+        torch.compiler.reset()  # as in compile_decode: earlier models' graphs count to the limit
+        self._prefill_forward = torch.compile(self._eager_prefill_forward, dynamic=False,
+                                              fullgraph=True)
 
     def _eager_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         mask = None if self._offsets is None else self._mask

@@ -12,6 +12,8 @@
 #                                         # coordinate-descent-tuned kernels (--tune-kernels)
 #   bash scripts/gpu_checks.sh fused      # bf16 / int4 / int8 with q/k/v and gate/up fused
 #                                         # (--bench-fuse-projections), against `short`'s figures
+#   bash scripts/gpu_checks.sh prefill    # bf16 prefill compiled (--compile-prefill), then also
+#                                         # with fused projections: the 70%-of-matmul goal
 #   bash scripts/gpu_checks.sh smollm2    # speed of the SmolLM2 sweep's recipes (issue 7), joined
 #                                         # with its CPU quality by `compress report --speed-from`
 #   bash scripts/gpu_checks.sh short      # what one 15-minute lease holds: the kernel tests, the
@@ -26,7 +28,7 @@
 #      T_SWEEP=330 T_BENCH=0; device timeout_s 595): the GPU tests, per-shape kernel timings
 #      (int4 fused GEMV at 0.5 byte per weight now, coordinate-descent-tuned columns), then
 #      W8A8, 2:4, mlp25, layers-drop4, FP8, int4, int8 at batch 1 against bf16.
-#   2. `inductor` (int4 / int8 decode through tuned inductor GEMVs), `fused`, `smollm2`, `gptq`,
+#   2. `inductor` (int4 / int8 decode, tuned inductor GEMVs), `fused`, `prefill`, `smollm2`, `gptq`,
 #      `bench` (carry .whl for its bitsandbytes and torchao peers).
 #
 # Figures land in $OUT (default: $OUT of the device tool, else reports/gpu-<shape>); copy them
@@ -150,6 +152,15 @@ if run_stage fused; then
         --corpus random --windows 1 --seq-len 512 --bench "${COMPILE[@]}" --bench-batch 1 \
         "${SWEEP_B1[@]}" --bench-fuse-projections --out "$OUT/sweep-fused" --overwrite \
         --title "$MODEL on $DEVICE, batch 1: q/k/v and gate/up fused" || true
+fi
+if run_stage prefill; then
+    # Eager prefill reached 62-66% of the matmul rate on an H200; the element-wise work between
+    # the matmuls (norms, rotary, activation) is what compiling fuses.
+    compress bench "$MODEL" --device "$DEVICE" --peers none "${COMPILE[@]}" --batch 1 \
+        "${SHAPES_B1[@]}" --compile-prefill --out "$OUT/bench-prefill-compiled" --overwrite || true
+    compress bench "$MODEL" --device "$DEVICE" --peers none "${COMPILE[@]}" --batch 1 \
+        "${SHAPES_B1[@]}" --compile-prefill --fuse-projections --out "$OUT/bench-prefill-fused" \
+        --overwrite || true
 fi
 if run_stage smollm2; then
     # Issue 7: the speed of reports/smollm2-135m-sweep's seven recipes, timed on random weights of

@@ -186,3 +186,32 @@ def test_tune_kernels_needs_compile(capsys):
     assert main(["bench", "random:tiny", "--tune-kernels", "--peers", "none"]) == 2
     assert "--tune-kernels tunes the compiled decode step's kernels: it needs --compile" in \
         capsys.readouterr().err
+
+
+def test_compiled_prefill_gives_the_eager_logits(lively):
+    ids = random_tokens(2, 12, 256, "cpu", seed=6)
+    eager, compiled = Engine(lively), Engine(lively)
+    eager.allocate(2, 32)
+    compiled.allocate(2, 32)
+    compiled.compile_prefill()
+    torch.testing.assert_close(compiled.prefill(ids), eager.prefill(ids), rtol=1e-5, atol=1e-5)
+    # The cache it filled serves the decode steps as the eager one's does.
+    assert torch.equal(compiled.generate(ids, 6).tokens, eager.generate(ids, 6).tokens)
+    compiled.compile_prefill(False)
+    assert compiled._prefill_forward == compiled._eager_prefill_forward
+
+
+def test_bench_with_compiled_prefill_reports_its_compile_time(tmp_path):
+    import json
+
+    from compress.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "random:tiny", "--batch", "1", "--prompt", "8", "--new", "2",
+                 "--prefill", "1x16", "--warmup", "0", "--repeats", "1", "--peers", "none",
+                 "--compile-prefill", "--out", str(out)]) in (0, None)
+    doc = json.loads((out / "bench.json").read_text())
+    (prefill,) = doc["rows"][0]["prefill"]
+    assert doc["protocol"]["compile_prefill"] is True and prefill["compile_s"] > 0
+    assert prefill["kernels"]["mlp.down_proj"] == "Linear: torch.nn.functional.linear"
+    assert "prefill compiled" in (out / "bench.md").read_text()

@@ -28,6 +28,9 @@ def add_parser(subparsers) -> None:
                    help="prefill shapes BATCHxTOKENS (default 1x2048,8x512)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on CUDA); compile time reported apart")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="also compile the prefill forward (one graph per prompt shape): "
+                        "inductor fuses the element-wise work between the matmuls")
     p.add_argument("--tune-kernels", action="store_true",
                    help="with --compile: tune the compiled step's Triton kernels (inductor's "
                         "coordinate descent, as gpt-fast does); longer compile")
@@ -95,7 +98,7 @@ def build_bench_config(settings, flag, **extra) -> BenchConfig:
     return BenchConfig(batches=parse_ints(settings.batches, flag("batches")),
                        prompt=settings.prompt, new=settings.new,
                        prefill=parse_shapes(settings.prefill), compile=settings.compile,
-                       tune_kernels=settings.tune_kernels,
+                       tune_kernels=settings.tune_kernels, compile_prefill=settings.compile_prefill,
                        warmup=settings.warmup, repeats=settings.repeats,
                        semi_structured=settings.semi_structured,
                        fuse_projections=settings.fuse_projections,
@@ -116,6 +119,7 @@ def run(args) -> int:
     settings = BenchSettings(batches=args.batch, prompt=args.prompt, new=args.new,
                              prefill=args.prefill, warmup=args.warmup, repeats=args.repeats,
                              compile=args.compile, tune_kernels=args.tune_kernels,
+                             compile_prefill=args.compile_prefill,
                              semi_structured=args.semi_structured,
                              fuse_projections=args.fuse_projections, kernel=args.kernel)
     flags = {"batches": "--batch", "kernel": "--kernel", "compile": "--compile",

@@ -58,6 +58,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--bench-warmup", type=int, default=2, help="warm-up runs (2)")
     b.add_argument("--bench-repeats", type=int, default=5, help="timed runs, median kept (5)")
     b.add_argument("--compile", action="store_true", help="compile the decode step")
+    b.add_argument("--bench-compile-prefill", action="store_true",
+                   help="also compile the prefill forward (one graph per prompt shape)")
     b.add_argument("--bench-tune-kernels", action="store_true",
                    help="with --compile: tune the compiled step's Triton kernels (coordinate "
                         "descent, as gpt-fast does); longer compile")
@@ -79,6 +81,7 @@ def bench_config(args):
                              new=args.bench_new, prefill=args.bench_prefill,
                              warmup=args.bench_warmup, repeats=args.bench_repeats,
                              compile=args.compile, tune_kernels=args.bench_tune_kernels,
+                             compile_prefill=args.bench_compile_prefill,
                              semi_structured=args.bench_semi_structured,
                              fuse_projections=args.bench_fuse_projections, kernel=args.bench_kernel)
     return build_bench_config(settings, {"batches": "--bench-batch", "kernel": "--bench-kernel",

@@ -130,6 +130,7 @@ def _task_note(base: dict) -> str:
 def runtime_options(proto: dict) -> str:
     """How the timed model ran, from a speed protocol: 'True (Triton kernels tuned, ...)'."""
     extras = [text for key, text in (("tune_kernels", "Triton kernels tuned"),
+                                     ("compile_prefill", "prefill compiled"),
                                      ("fuse_projections", "q/k/v and gate/up fused"))
               if proto.get(key)]
     return f"{proto.get('compile')}" + (f" ({', '.join(extras)})" if extras else "")
