@@ -117,7 +117,8 @@ def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: d
         engine.allocate(batch, length + 1)
         ids = random_tokens(batch, length, vocab, device, cfg.seed)
         compile_s = _compile_prefill(engine, ids, device) if cfg.compile_prefill else None
-        kernels = linear_kernels(model)  # from the eager prefill (a compiled one sets none)
+        # Labels from an eager prefill of these rows: _compile_prefill's, else the timed ones.
+        kernels = linear_kernels(model) if cfg.compile_prefill else None
         with PeakMemory(device) as peak:
             # Time to first token: the prefill forward and the choice of the first token.
             timing = time_it(lambda: engine.prefill(ids).argmax(-1), device, cfg.warmup,
@@ -129,7 +130,8 @@ def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: d
             "tokens_per_s": batch * length / seconds, "flop_per_s": flops / seconds,
             "pct_of_matmul": 100 * flops / seconds / matmul,
             "kv_cache_bytes": engine.kv_cache_bytes(), "peak_allocated_bytes": peak.peak,
-            "compile_s": compile_s, "kernels": kernels, "timing": timing})
+            "compile_s": compile_s, "kernels": kernels or linear_kernels(model),
+            "timing": timing})
     engine.compile_prefill(False)  # the decode rows' prompts are not timed: no more compiles
     engine.allocate(1, 2)  # drop the prefill caches before the decode ones
     for batch in cfg.batches:

@@ -109,3 +109,18 @@ def test_kernel_choices_reach_the_layers_and_bad_ones_are_refused(tiny_model, ca
     assert all(m._triton is None for m in model.modules() if isinstance(m, QuantizedLinear))
     assert main(["bench", "random:tiny", "--kernel", "int4", "--peers", "none"]) == 2
     assert "FORMAT=KERNEL" in capsys.readouterr().err
+
+
+def test_prefill_and_decode_rows_name_the_kernels_their_own_shapes_ran(tiny_model):
+    """bf16 int4 on the CPU: torch's int4 kernel for decode rows, dequantize + matmul for a
+    prefill of more than 64 rows; each row reads labels its own forwards set."""
+    from evaluate.bench import BenchConfig, bench_engine, measure_ceilings
+
+    model = rtn(tiny_model, RTNConfig(bits=4, group_size=32, symmetric=True)).to(torch.bfloat16)
+    for compile_prefill in (True, False):  # the second starts after the first one's decode
+        cfg = BenchConfig(batches=(1,), prompt=8, new=2, prefill=((1, 100),), warmup=0,
+                          repeats=1, compile_prefill=compile_prefill)
+        row = bench_engine(model, cfg, "cpu", "int4", measure_ceilings(cfg, "cpu", torch.bfloat16))
+        assert row["prefill"][0]["kernels"]["mlp.down_proj"] == "Int4Linear: reference"
+        assert row["decode"][0]["kernels"]["mlp.down_proj"] == \
+            "Int4Linear: torch._weight_int4pack_mm_for_cpu"

@@ -85,8 +85,8 @@ def materialize_2of4(model: nn.Module) -> list[str]:
 class SemiStructuredLinear(nn.Module):
     """A 2:4 linear that keeps both forms: the semi-structured weight from `min_rows` rows on,
     where it was measured faster, and the dense weight below (decode, typically). Storing both is
-    the memory price of taking the sparse kernels only where they win; `unread_bytes` says which
-    form a forward of so many rows leaves alone (`unread_weight`)."""
+    the memory price of taking the sparse kernels only where they win; `unread_weight` names the
+    form a forward of so many rows leaves alone (decode rooflines leave it out)."""
 
     def __init__(self, linear: nn.Linear, sparse: torch.Tensor, min_rows: int):
         super().__init__()
