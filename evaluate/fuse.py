@@ -2,7 +2,7 @@
 
 Inference engines fuse them (gpt-fast's `wqkv`, vLLM's QKV and merged gate/up layers): a decode
 step then launches 4 matrix-vector products per layer instead of 7, and the small k/v products
-(an eighth of q's size in Llama-3-8B: launch-bound, far from the copy bandwidth) ride on q's.
+(a quarter of q's size in Llama-3-8B: launch-bound, far from the copy bandwidth) ride on q's.
 The transformers model still calls q_proj, k_proj and v_proj in turn on the same input, so the
 first becomes a `FusedProjection` that computes all of them and keeps the later outputs, and the
 others become `ProjectionSlice`s that hand those outputs back: the model's code is not touched.
