@@ -68,15 +68,15 @@ def test_where_faster_keeps_dense_sparse_or_both_per_shape_as_measured(tiny_mode
     ids = torch.randint(1, 256, (1, 300))
     with torch.no_grad():
         before = model(ids).logits
-    sparse_ids = set()
+    sparse_copies = set()  # data pointers: nn.Parameter(copy) is another object, same storage
 
     def convert(weight, name):
         copy_ = weight.detach().clone()
-        sparse_ids.add(id(copy_))
+        sparse_copies.add(copy_.data_ptr())
         return copy_
 
     def timer(weight, rows):
-        shape, sparse = tuple(weight.shape), id(weight) in sparse_ids
+        shape, sparse = tuple(weight.shape), weight.data_ptr() in sparse_copies
         c = model.config
         if shape == (c.num_attention_heads * c.head_dim, c.hidden_size):     # q_proj, o_proj
             return 1.0 if sparse else 0.5
@@ -92,7 +92,7 @@ def test_where_faster_keeps_dense_sparse_or_both_per_shape_as_measured(tiny_mode
     assert report["linears"]["model.layers.0.mlp.up_proj"] == "sparse from 256 rows"
     assert report["shapes"][f"{layer.mlp.up_proj.out_features}x64"]["sparse_from_rows"] == 256
     assert type(layer.self_attn.q_proj) is torch.nn.Linear
-    assert id(layer.self_attn.k_proj.weight) in sparse_ids
+    assert layer.self_attn.k_proj.weight.data_ptr() in sparse_copies
     mlp = layer.mlp.down_proj
     assert isinstance(mlp, SemiStructuredLinear) and mlp.min_rows == 256
     with torch.no_grad():
