@@ -16,6 +16,7 @@ from compress.prune.semi_structured import is_2of4_model, materialize_2of4_where
 from evaluate.engine import Engine, random_tokens
 from evaluate.fuse import fuse_projections
 from evaluate.memory import parameter_count, stored_tensors, weight_bytes
+from evaluate.profile import profile_phases
 from evaluate.timing import PeakMemory, ceilings, is_cuda, synchronize, time_it
 
 PEERS = ("hf", "hf-eager", "bnb-int8", "bnb-nf4", "torchao-int4", "torchao-int8")
@@ -44,6 +45,8 @@ class BenchConfig:
     semi_structured: bool = False
     # Run q/k/v and gate/up as one matmul each (evaluate/fuse.py), as inference engines do.
     fuse_projections: bool = False
+    # After the timed rows, profile a few decode steps and one prefill (evaluate/profile.py).
+    profile: bool = False
     # (format, kernel) pairs: run the layers of that format with another kernel than the measured
     # default, e.g. (("int4", "triton"),); QuantizedLinear.set_kernel checks and applies them.
     kernel_choices: tuple[tuple[str, str], ...] = ()
@@ -72,7 +75,7 @@ class BenchConfig:
                 "inputs": "random token ids in [1, vocab)", "compile": self.compile,
                 "tune_kernels": self.tune_kernels, "compile_prefill": self.compile_prefill,
                 "semi_structured": self.semi_structured,
-                "fuse_projections": self.fuse_projections,
+                "fuse_projections": self.fuse_projections, "profile": self.profile,
                 "kernel_choices": dict(self.kernel_choices), "device": str(device)}
 
 
@@ -138,6 +141,12 @@ def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: d
         row["decode"].append(_bench_decode(engine, cfg, batch, vocab, device, weights, ceil))
     # The headline kernels: the first decode batch's (prefill rows carry their own).
     row["kernels"] = row["decode"][0]["kernels"] if row["decode"] else linear_kernels(model)
+    if cfg.profile:
+        try:
+            row["profile"] = profile_phases(engine, cfg.prompt, min(cfg.new, 8), cfg.prefill[0],
+                                            device, cfg.seed)
+        except Exception as exc:  # a diagnostic must not cost the figures measured above
+            row["profile"] = {"failed": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
     return row
 
 

@@ -8,6 +8,7 @@ import torch
 from compress.reports.content import runtime_options
 from evaluate.bench import BenchConfig, bench_engine, measure_ceilings, sync_and_free
 from evaluate.peers import run_peer
+from evaluate.profile import markdown as profile_markdown
 from evaluate.results import environment
 
 
@@ -97,6 +98,12 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {row['name']} | {_fmt(w['total'], 1, 1e-6)} | "
                      f"{_fmt(w['embedding'], 1, 1e-6)} | {_fmt(w['linear'], 1, 1e-6)} | "
                      f"{_fmt(w['lm_head'], 1, 1e-6)} | {kernels} |")
+    profiled = [row for row in doc["rows"] if row.get("profile")]
+    if profiled:
+        lines += ["", "## Profile", "", "One profiled run of each phase after the timed ones "
+                  "(profiling adds overhead: read shares, not times)."]
+        for row in profiled:
+            lines += ["", f"### {row['name']}"] + profile_markdown(row["profile"])
     lines += ["", "Decode roofline = bytes a step must read (weights, the embedding only when "
               "tied to the lm_head, K and V at the mean context) / the copy bandwidth above. "
               "Peak memory is null on a CPU: there is no allocator figure comparable to CUDA's.",

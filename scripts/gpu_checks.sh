@@ -113,7 +113,8 @@ if [ "$STAGE" = short ]; then
         recipes/fp8-w8a8.yaml "$INT4" recipes/int8-channel.yaml "${INT4%.yaml}-lmhead8.yaml" \
         --model "$MODEL" --device "$DEVICE" \
         --corpus random --windows 1 --seq-len 512 --bench --bench-semi-structured \
-        "${COMPILE[@]}" --bench-batch 1 "${SWEEP_B1[@]}" --out "$WORK/sweep-b1" --overwrite \
+        --bench-profile "${COMPILE[@]}" --bench-batch 1 "${SWEEP_B1[@]}" --out "$WORK/sweep-b1" \
+        --overwrite \
         --title "$MODEL on $DEVICE, batch 1: each recipe against bf16 (random weights)" \
         > "$WORK/sweep-b1.log" 2>&1 || echo "sweep: exit $?" >> "$WORK/sweep-b1.log"
     if [ "${T_BENCH:-0}" -gt 0 ]; then
@@ -157,9 +158,11 @@ if run_stage prefill; then
     # Eager prefill reached 62-66% of the matmul rate on an H200; the element-wise work between
     # the matmuls (norms, rotary, activation) is what compiling fuses.
     compress bench "$MODEL" --device "$DEVICE" --peers none "${COMPILE[@]}" --batch 1 \
-        "${SHAPES_B1[@]}" --compile-prefill --out "$OUT/bench-prefill-compiled" --overwrite || true
+        "${SHAPES_B1[@]}" --compile-prefill --profile --out "$OUT/bench-prefill-compiled" \
+        --overwrite || true
     compress bench "$MODEL" --device "$DEVICE" --peers none "${COMPILE[@]}" --batch 1 \
-        "${SHAPES_B1[@]}" --compile-prefill --fuse-projections --out "$OUT/bench-prefill-fused" \
+        "${SHAPES_B1[@]}" --compile-prefill --fuse-projections --profile \
+        --out "$OUT/bench-prefill-fused" \
         --overwrite || true
 fi
 if run_stage smollm2; then

@@ -124,3 +124,51 @@ def test_prefill_and_decode_rows_name_the_kernels_their_own_shapes_ran(tiny_mode
         assert row["prefill"][0]["kernels"]["mlp.down_proj"] == "Int4Linear: reference"
         assert row["decode"][0]["kernels"]["mlp.down_proj"] == \
             "Int4Linear: torch._weight_int4pack_mm_for_cpu"
+
+
+def test_bench_profile_names_the_operations_of_each_phase(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "random:tiny", "--batch", "1", "--prompt", "8", "--new", "4",
+                 "--prefill", "1x16", "--warmup", "0", "--repeats", "1", "--peers", "none",
+                 "--profile", "--out", str(out)]) in (0, None)
+    profile = json.loads((out / "bench.json").read_text())["rows"][0]["profile"]
+    for phase in ("decode", "prefill"):
+        top = profile[phase]["top"]
+        assert top and all(r["self_ms"] > 0 and r["calls"] > 0 for r in top)
+        assert abs(sum(r["share_pct"] for r in top) - 100) < 100  # shares of one total
+        assert any("mm" in r["op"] or "linear" in r["op"] for r in top)
+    assert (profile["decode"]["batch"], profile["decode"]["steps"]) == (1, 4)
+    assert (profile["prefill"]["batch"], profile["prefill"]["tokens"]) == (1, 16)
+    assert "## Profile" in (out / "bench.md").read_text()
+
+
+def test_a_failing_profile_keeps_the_figures(tiny_model, monkeypatch):
+    from evaluate import bench
+    from evaluate.bench import BenchConfig, bench_engine, measure_ceilings
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\ndetails")
+
+    monkeypatch.setattr(bench, "profile_phases", broken)
+    cfg = BenchConfig(batches=(1,), prompt=8, new=2, prefill=((1, 8),), warmup=0, repeats=1,
+                      profile=True)
+    row = bench_engine(tiny_model, cfg, "cpu", "x", measure_ceilings(cfg, "cpu", torch.float32))
+    assert row["decode"][0]["ms_per_token"] > 0
+    assert row["profile"] == {"failed": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"}
+
+
+def test_gpu_profiles_count_kernels_not_the_operators_that_launched_them():
+    from types import SimpleNamespace
+
+    from evaluate.profile import top_operations
+
+    def event(key, device, us, count=1):
+        return SimpleNamespace(key=key, device_type=f"DeviceType.{device}", count=count,
+                               self_device_time_total=us, self_cpu_time_total=5.0)
+
+    events = [event("aten::mm", "CPU", 300.0), event("sm90_gemm_kernel", "CUDA", 300.0, 2),
+              event("triton_poi_fused_mul", "CUDA", 100.0, 4)]
+    profile = top_operations(events, cuda=True)
+    assert profile["total_ms"] == 0.4 and profile["calls"] == 6
+    assert [r["op"] for r in profile["top"]] == ["sm90_gemm_kernel", "triton_poi_fused_mul"]
+    assert profile["top"][0]["share_pct"] == 75.0

@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fuse-projections", action="store_true",
                    help="run q/k/v and gate/up as one matmul each, as inference engines do "
                         "(fewer, larger kernels per decode step)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile a few decode steps and one prefill: the top "
+                        "kernels by self time go to bench.json and bench.md")
     p.add_argument("--kernel", default="", metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton,int8=triton (compress/formats/triton_kernels.py: a GEMV for one "
@@ -101,7 +104,7 @@ def build_bench_config(settings, flag, **extra) -> BenchConfig:
                        tune_kernels=settings.tune_kernels, compile_prefill=settings.compile_prefill,
                        warmup=settings.warmup, repeats=settings.repeats,
                        semi_structured=settings.semi_structured,
-                       fuse_projections=settings.fuse_projections,
+                       fuse_projections=settings.fuse_projections, profile=settings.profile,
                        kernel_choices=parse_kernel_choices(settings.kernel, flag("kernel")),
                        **extra)
 
@@ -121,7 +124,8 @@ def run(args) -> int:
                              compile=args.compile, tune_kernels=args.tune_kernels,
                              compile_prefill=args.compile_prefill,
                              semi_structured=args.semi_structured,
-                             fuse_projections=args.fuse_projections, kernel=args.kernel)
+                             fuse_projections=args.fuse_projections, profile=args.profile,
+                             kernel=args.kernel)
     flags = {"batches": "--batch", "kernel": "--kernel", "compile": "--compile",
              "tune_kernels": "--tune-kernels"}
     cfg = build_bench_config(settings, flags.get,

@@ -68,6 +68,8 @@ def add_parser(subparsers) -> None:
                         "int4=triton; layers of other formats keep theirs")
     b.add_argument("--bench-fuse-projections", action="store_true",
                    help="time with q/k/v and gate/up as one matmul each (the baseline too)")
+    b.add_argument("--bench-profile", action="store_true",
+                   help="profile a few decode steps and a prefill of each model (in its JSON)")
     b.add_argument("--bench-semi-structured", action="store_true",
                    help="on CUDA, time 2:4-pruned recipes with semi-structured sparse weights "
                         "where they measure faster than dense")
@@ -83,7 +85,8 @@ def bench_config(args):
                              compile=args.compile, tune_kernels=args.bench_tune_kernels,
                              compile_prefill=args.bench_compile_prefill,
                              semi_structured=args.bench_semi_structured,
-                             fuse_projections=args.bench_fuse_projections, kernel=args.bench_kernel)
+                             fuse_projections=args.bench_fuse_projections,
+                             profile=args.bench_profile, kernel=args.bench_kernel)
     return build_bench_config(settings, {"batches": "--bench-batch", "kernel": "--bench-kernel",
                                          "compile": "--compile",
                                          "tune_kernels": "--bench-tune-kernels"}.get)

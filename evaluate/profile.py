@@ -1,0 +1,84 @@
+"""Where a decode step and a prefill spend their time: torch.profiler's table of operations and
+kernels for one run of each (`compress bench --profile`). It explains the timed figures (which
+kernels dominate, how many launches a step makes); it does not replace them, since profiling
+adds its own overhead."""
+from __future__ import annotations
+
+import torch
+
+from evaluate.engine import Engine, random_tokens
+from evaluate.timing import is_cuda, synchronize
+
+TOP = 20  # rows kept per phase
+
+
+def profile_phases(engine: Engine, prompt: int, decode_steps: int,
+                   prefill: tuple[int, int], device, seed: int = 0) -> dict:
+    """Profile `decode_steps` decode steps at the engine's current allocation (the last decode
+    batch measured, compiled if it was), then one prefill of `prefill` (batch, tokens)."""
+    vocab = engine.config.vocab_size
+    ids = random_tokens(engine.batch, prompt, vocab, device, seed)
+    logits = engine.prefill(ids)
+    positions = engine.next_positions(prompt)
+    engine.decode(logits, positions.clone(), 2, stop_on_eos=False)  # warm: nothing to compile
+    logits = engine.prefill(ids)
+    synchronize(device)
+    decode = _profiled(lambda: engine.decode(logits, positions, decode_steps + 1,
+                                             stop_on_eos=False), device)
+    decode.update(batch=engine.batch, steps=decode_steps)
+    batch, length = prefill
+    engine.allocate(batch, length + 1)
+    prompt_ids = random_tokens(batch, length, vocab, device, seed)
+    engine.prefill(prompt_ids)  # warm
+    synchronize(device)
+    prefill_profile = _profiled(lambda: engine.prefill(prompt_ids), device)
+    prefill_profile.update(batch=batch, tokens=length)
+    return {"decode": decode, "prefill": prefill_profile}
+
+
+def _profiled(fn, device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = is_cuda(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    return top_operations(prof.key_averages(), cuda)
+
+
+def top_operations(events, cuda: bool) -> dict:
+    """The operations with the most self time (on the GPU when `cuda`, else on the CPU), their
+    calls and share of the total."""
+    def self_us(event) -> float:
+        if not cuda:
+            return event.self_cpu_time_total
+        # torch >= 2.4 names it device time; older releases, CUDA time.
+        return getattr(event, "self_device_time_total", None) or \
+            getattr(event, "self_cuda_time_total", 0.0)
+
+    if cuda:  # kernels only: an operator's self device time repeats its kernels' time
+        events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    rows = [(self_us(e), e.key, e.count) for e in events]
+    total = sum(us for us, _, _ in rows) or 1.0
+    rows.sort(key=lambda r: r[0], reverse=True)
+    return {"clock": "GPU self time" if cuda else "CPU self time", "total_ms": total / 1e3,
+            "calls": sum(count for us, _, count in rows if us > 0),
+            "top": [{"op": name, "calls": count, "self_ms": us / 1e3,
+                     "share_pct": 100 * us / total} for us, name, count in rows[:TOP] if us > 0]}
+
+
+def markdown(profiles: dict) -> list[str]:
+    """Markdown lines: one table per phase, the top operations by self time."""
+    if "failed" in profiles:
+        return ["", f"Profiling failed: {profiles['failed']}"]
+    lines = []
+    for phase, p in profiles.items():
+        where = (f"batch {p['batch']}, {p['steps']} steps" if phase == "decode"
+                 else f"{p['batch']} x {p['tokens']} tokens")
+        lines += ["", f"**{phase}** ({where}): {p['clock']} {p['total_ms']:.2f} ms in "
+                      f"{p['calls']} calls with time", "",
+                  "| operation | calls | self ms | share % |", "|---|---|---|---|"]
+        lines += [f"| `{r['op'][:90]}` | {r['calls']} | {r['self_ms']:.3f} | "
+                  f"{r['share_pct']:.1f} |" for r in p["top"][:10]]
+    return lines
