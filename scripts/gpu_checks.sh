@@ -27,7 +27,7 @@
 #   1. bash scripts/gpu_checks.sh short (default limits T_KERNELS=150 T_KERNEL_BENCH=100
 #      T_SWEEP=330 T_BENCH=0; device timeout_s 595): the GPU tests, per-shape kernel timings
 #      (int4 fused GEMV at 0.5 byte per weight now, coordinate-descent-tuned columns), then
-#      W8A8, 2:4, mlp25, layers-drop4, FP8, int4, int8 at batch 1 against bf16.
+#      int4, W8A8, 2:4, mlp25, layers-drop4, FP8, int8 at batch 1 against bf16, profiled.
 #   2. `inductor` (int4 / int8 decode, tuned inductor GEMVs), `fused`, `prefill`, `smollm2`, `gptq`,
 #      `bench` (carry .whl for its bitsandbytes and torchao peers).
 #
@@ -106,11 +106,12 @@ if [ "$STAGE" = short ]; then
             --group-size "$GROUP" --device "$DEVICE" --out "$WORK/kernel-bench/kernels.json" \
             > "$WORK/kernel-bench.log" 2>&1 || echo "kernel bench: exit $?" >> "$WORK/kernel-bench.log"
     fi
-    # Ordered by what no GPU has measured yet (as of reports/h200-llama3-8b): a step stopped by
-    # its time limit loses the last recipes first.
-    timeout "${T_SWEEP:-330}" "$PY" -m compress.cli sweep recipes/smoothquant-w8a8.yaml \
+    # Ordered by what is most worth knowing (a step stopped by its time limit loses the last
+    # recipes first): int4 after the fix of its dequantization, then what no GPU has measured
+    # (W8A8, 2:4, structured), FP8 with its fused epilogue, int8 (reports/h200-llama3-8b).
+    timeout "${T_SWEEP:-330}" "$PY" -m compress.cli sweep "$INT4" recipes/smoothquant-w8a8.yaml \
         recipes/wanda-2of4.yaml recipes/mlp25.yaml recipes/layers-drop4.yaml \
-        recipes/fp8-w8a8.yaml "$INT4" recipes/int8-channel.yaml "${INT4%.yaml}-lmhead8.yaml" \
+        recipes/fp8-w8a8.yaml recipes/int8-channel.yaml "${INT4%.yaml}-lmhead8.yaml" \
         --model "$MODEL" --device "$DEVICE" \
         --corpus random --windows 1 --seq-len 512 --bench --bench-semi-structured \
         --bench-profile "${COMPILE[@]}" --bench-batch 1 "${SWEEP_B1[@]}" --out "$WORK/sweep-b1" \
