@@ -40,13 +40,16 @@ def interpreted():
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric,out_features,in_features", CASES)
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("split_k,groups_per_step", [(1, 1), (3, 1), (1, 4), (3, 2)])
 def test_gemv_matches_the_reference_in_the_interpreter(interpreted, bits, group_size, symmetric,
-                                                       out_features, in_features, split_k):
+                                                       out_features, in_features, split_k,
+                                                       groups_per_step):
+    """Several groups per K step too: 576 = 9 groups of 64, so 4 per step leaves a last step
+    mostly past K."""
     layer = _layer(bits, group_size, symmetric, out_features, in_features, "cpu")
     x = torch.randn(1, in_features, dtype=torch.bfloat16)
     gemv = plan(out_features, in_features, bits, group_size, torch.device("cpu"), block_n=16,
-                split_k=split_k)
+                split_k=split_k, groups_per_step=groups_per_step)
     out = gemv(x, layer.qweight, layer.scales, layer.zeros).float() + layer.bias.float()
     ref = _reference(layer, x)
     assert (out - ref).norm() / ref.norm() < 1e-2

@@ -60,7 +60,9 @@ def _build_gemv(interpreted: bool):
     def gemv(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_w, stride_s, k_per_split,
              BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_ZEROS: tl.constexpr,
              SYM_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             ATOMIC: tl.constexpr):
+             GROUPS: tl.constexpr, ATOMIC: tl.constexpr):
+        # Grouped: a step covers GROUPS whole groups (BLOCK_K = GROUPS x group size), so that
+        # each row's load is one contiguous run of several groups' codes.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         k_first = tl.program_id(1) * k_per_split
@@ -75,31 +77,35 @@ def _build_gemv(interpreted: bool):
                                mask=ok, other=0).to(tl.int32)
                 x_even = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
                 x_odd = tl.load(x_ptr + cols + 1, mask=cols + 1 < K, other=0.0).to(tl.float32)
-                dot = tl.sum((byte & 15).to(tl.float32) * x_even[None, :]
-                             + (byte >> 4).to(tl.float32) * x_odd[None, :], axis=1)
-                x_sum = tl.sum(x_even + x_odd, axis=0)
+                prod = (byte & 15).to(tl.float32) * x_even[None, :] \
+                    + (byte >> 4).to(tl.float32) * x_odd[None, :]
+                xs = x_even + x_odd
+                width: tl.constexpr = BLOCK_K // GROUPS // 2  # entries of prod per group
             else:
                 cols = k0 + tl.arange(0, BLOCK_K)
                 ok = row_ok[:, None] & (cols < K)[None, :]
                 code = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=ok,
                                other=0).to(tl.float32)
-                x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-                dot = tl.sum(code * x[None, :], axis=1)
-                x_sum = tl.sum(x, axis=0)
-            if GROUPED:  # BLOCK_K is the group size: one scale (and zero) per row per step
-                # The last split may run past K: its steps add nothing (dot and x_sum are 0),
-                # and the clamped group index keeps their scale loads in bounds.
-                g = tl.minimum(k0, K - 1) // BLOCK_K
-                scale = tl.load(s_ptr + rows * stride_s + g, mask=row_ok, other=0.0)
+                xs = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                prod = code * xs[None, :]
+                width: tl.constexpr = BLOCK_K // GROUPS
+            if GROUPED:  # one scale (and zero) per row and group: sums per group first
+                dot = tl.sum(tl.reshape(prod, [BLOCK_N, GROUPS, width]), axis=2)
+                x_sum = tl.sum(tl.reshape(xs, [GROUPS, width]), axis=1)
+                # Steps past K (the last split's) add nothing: their dot and x_sum are 0, and
+                # the clamped group index keeps their scale loads in bounds.
+                g = tl.minimum(k0 // (BLOCK_K // GROUPS) + tl.arange(0, GROUPS),
+                               (K - 1) // (BLOCK_K // GROUPS))
+                at = rows[:, None] * stride_s + g[None, :]
+                scale = tl.load(s_ptr + at, mask=row_ok[:, None], other=0.0).to(tl.float32)
                 if HAS_ZEROS:
-                    zero = tl.load(z_ptr + rows * stride_s + g, mask=row_ok, other=0)
-                    zero = zero.to(tl.float32)
+                    zero = tl.load(z_ptr + at, mask=row_ok[:, None], other=0).to(tl.float32)
                 else:
                     zero = SYM_ZERO
-                acc += scale.to(tl.float32) * (dot - zero * x_sum)
+                acc += tl.sum(scale * (dot - zero * x_sum[None, :]), axis=1)
             else:  # per channel (int8 only): scale and zero apply to the finished sums
-                acc += dot
-                x_total += x_sum
+                acc += tl.sum(prod, axis=1)
+                x_total += tl.sum(xs, axis=0)
         if not GROUPED:
             scale = tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
             if HAS_ZEROS:
@@ -184,6 +190,7 @@ class TritonLinear:
     k_per_split: int
     gemm_min_rows: int
     gemv_warps: int = 4
+    groups_per_step: int = 1  # grouped GEMV: whole groups per K step (block_k = this x group)
     tuning: str = "default"  # how the GEMV configuration was chosen
 
     def __call__(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -207,8 +214,8 @@ class TritonLinear:
         self.gemv[grid](
             x.reshape(-1), codes, scales, zeros if zeros is not None else scales, out, n,
             self.in_features, codes.stride(0), scales.stride(0), self.k_per_split,
-            BLOCK_N=self.block_n, BLOCK_K=self.block_k, ATOMIC=self.split_k > 1,
-            num_warps=self.gemv_warps, **self._flags(zeros))
+            BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUPS=self.groups_per_step,
+            ATOMIC=self.split_k > 1, num_warps=self.gemv_warps, **self._flags(zeros))
         return out.to(x.dtype).reshape(1, n)
 
     def _gemm(self, x, codes, scales, zeros):
@@ -226,35 +233,41 @@ class TritonLinear:
         return out
 
 
-# GEMV configurations tried on a GPU, per layer shape: (rows per program, warps).
-GEMV_CONFIGS = ((16, 2), (32, 4), (64, 4), (64, 8), (128, 8))
+# GEMV configurations tried on a GPU, per layer shape: (rows per program, warps, groups per K
+# step). More groups per step make each row's load a longer contiguous run (a group of 64 int4
+# codes is only 32 bytes); the first entry is the untuned default.
+GEMV_CONFIGS = ((32, 4, 1), (64, 4, 1), (64, 8, 1), (32, 4, 2), (32, 4, 4), (64, 8, 2),
+                (16, 4, 4))
 
 
 def plan(out_features: int, in_features: int, bits: int, group_size: int, device: torch.device,
          gemm_min_rows: int = 2, block_n: int = 32, split_k: int | None = None,
          dtype: torch.dtype = torch.bfloat16, has_zeros: bool = False,
-         tune: bool = False) -> TritonLinear:
+         tune: bool = False, groups_per_step: int = 1) -> TritonLinear:
     """The launch plans of a layer: codes int4 packed uint8 [N, K/2] or int8 [N, K], scales
     [N, groups]; group_size 0 (one scale per row) is int8 only. split_k None: about four
     programs per SM for the GEMV, never fewer than one K step each. tune (CUDA): the GEMV's
-    rows per program and warps are the fastest of GEMV_CONFIGS for this shape, timed once per
-    shape on random codes (the time does not depend on their values)."""
+    rows per program, warps and groups per step are the fastest of GEMV_CONFIGS for this shape,
+    timed once per shape on random codes (the time does not depend on their values)."""
     if bits == 4 and group_size == 0:
         raise ValueError("the Triton kernels take grouped int4 only")
     interpreted = _interpreted()
     warps, tuning = 4, "default"
     if tune and device.type == "cuda" and not interpreted:
         try:
-            block_n, warps = _tuned_gemv(out_features, in_features, bits, group_size,
-                                         device.index, dtype, has_zeros)
-            tuning = f"tuned: {block_n} rows per program, {warps} warps"
+            block_n, warps, groups_per_step = _tuned_gemv(
+                out_features, in_features, bits, group_size, device.index, dtype, has_zeros)
+            tuning = (f"tuned: {block_n} rows per program, {warps} warps, "
+                      f"{groups_per_step} groups per step")
         except Exception as exc:  # the defaults still run; say why they were kept
             tuning = f"default (tuning failed: {type(exc).__name__}: {exc})"[:200]
-    block_k = group_size or PER_CHANNEL_BLOCK_K
+    if not group_size:
+        groups_per_step = 1  # per channel: the step width is PER_CHANNEL_BLOCK_K
+    block_k = group_size * groups_per_step or PER_CHANNEL_BLOCK_K
     split_k, k_per_split = _split(out_features, in_features, block_k, block_n, device, split_k)
     return TritonLinear(_build_gemv(interpreted), _build_gemm(interpreted), bits, group_size,
                         out_features, in_features, block_n, block_k, split_k, k_per_split,
-                        gemm_min_rows, warps, tuning)
+                        gemm_min_rows, warps, groups_per_step, tuning)
 
 
 def _split(out_features: int, in_features: int, block_k: int, block_n: int,
@@ -271,9 +284,10 @@ def _split(out_features: int, in_features: int, block_k: int, block_n: int,
 
 @functools.cache
 def _tuned_gemv(out_features: int, in_features: int, bits: int, group_size: int,
-                device_index: int | None, dtype: torch.dtype, has_zeros: bool) -> tuple[int, int]:
-    """The fastest (rows per program, warps) of GEMV_CONFIGS, by triton's do_bench (L2 flushed
-    between runs, as a decode step's weights are not in cache)."""
+                device_index: int | None, dtype: torch.dtype,
+                has_zeros: bool) -> tuple[int, int, int]:
+    """The fastest (rows per program, warps, groups per step) of GEMV_CONFIGS, by triton's
+    do_bench (L2 flushed between runs, as a decode step's weights are not in cache)."""
     from triton.testing import do_bench
 
     device = torch.device("cuda", device_index)
@@ -287,9 +301,11 @@ def _tuned_gemv(out_features: int, in_features: int, bits: int, group_size: int,
                           dtype=torch.uint8 if bits == 4 else torch.int8) if has_zeros else None
     x = torch.randn(1, in_features, device=device, dtype=dtype)
     timed = []
-    for block_n, warps in GEMV_CONFIGS:
-        candidate = plan(out_features, in_features, bits, group_size, device, block_n=block_n)
+    configs = GEMV_CONFIGS if group_size else {(n, w, 1) for n, w, _ in GEMV_CONFIGS}
+    for block_n, warps, groups in configs:
+        candidate = plan(out_features, in_features, bits, group_size, device, block_n=block_n,
+                         groups_per_step=groups)
         candidate.gemv_warps = warps
         seconds = do_bench(lambda: candidate._gemv(x, codes, scales, zeros), warmup=5, rep=25)
-        timed.append((seconds, block_n, warps))
+        timed.append((seconds, block_n, warps, groups))
     return min(timed)[1:]
