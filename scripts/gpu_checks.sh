@@ -25,11 +25,11 @@
 #
 # A 15-minute lease, spent as reports/h200-llama3-8b suggests (machine start and idle count too):
 #   1. bash scripts/gpu_checks.sh short (default limits T_KERNELS=150 T_KERNEL_BENCH=100
-#      T_SWEEP=330 T_BENCH=0; device timeout_s 595): the GPU tests, per-shape kernel timings
+#      T_SWEEP=330 T_BENCH=0; device timeout_s 595): the GPU tests but Triton's, kernel timings
 #      (int4 fused GEMV at 0.5 byte per weight now, coordinate-descent-tuned columns), then
 #      int4, W8A8, 2:4, mlp25, layers-drop4, FP8, int8 at batch 1 against bf16, profiled.
-#   2. `inductor` (int4 / int8 decode, tuned inductor GEMVs), `fused`, `prefill`, `smollm2`, `gptq`,
-#      `bench` (carry .whl for its bitsandbytes and torchao peers).
+#   2. `inductor` (int4 / int8 decode, tuned inductor GEMVs), `triton`, `fused`, `prefill`,
+#      `smollm2`, `gptq`, `bench` (carry .whl for its bitsandbytes and torchao peers).
 #
 # Figures land in $OUT (default: $OUT of the device tool, else reports/gpu-<shape>); copy them
 # into reports/ with the GPU name. The device image has torch, transformers, pandas, pyyaml,
@@ -98,7 +98,9 @@ if [ "$STAGE" = short ]; then
     { nvidia-smi || true; "$PY" -c "import torch, transformers; print(torch.__version__, \
       transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
     } > "$WORK/machine.txt" 2>&1
-    timeout "${T_KERNELS:-150}" "$PY" -m pytest -v --durations=10 -p no:cacheprovider -m gpu tests/ \
+    # The Triton kernels' tests (each tunes its GEMV) are the `triton` stage's.
+    timeout "${T_KERNELS:-150}" "$PY" -m pytest -v --durations=10 -p no:cacheprovider -m gpu \
+        --ignore=tests/test_triton_kernels.py tests/ \
         > "$WORK/kernels.log" 2>&1 || echo "kernels: exit $?" >> "$WORK/kernels.log"
     [ -n "${SMALL:-}" ] && INT4=recipes/int4-g64-sym.yaml || INT4=recipes/int4-g128-sym.yaml
     if [ "${T_KERNEL_BENCH:-100}" -gt 0 ]; then
