@@ -21,6 +21,23 @@ def tiny_model(tiny):
 
 
 @pytest.fixture
+def tiny_bench(tmp_path):
+    """Run `compress bench random:tiny` at toy sizes with extra flags (later ones win):
+    returns (bench.json as a dict, bench.md as text)."""
+    def run(*flags: str, batch: str = "1", new: str = "2", prefill: str = "1x16"):
+        import json
+
+        from compress.cli import main
+
+        out = tmp_path / "bench"
+        assert main(["bench", "random:tiny", "--batch", batch, "--prompt", "8", "--new", new,
+                     "--prefill", prefill, "--warmup", "0", "--repeats", "1", "--peers", "none",
+                     *flags, "--out", str(out), "--overwrite"]) in (0, None)
+        return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+    return run
+
+
+@pytest.fixture
 def tokens():
     """Random token ids [4, 64] inside the tiny vocab (never zeros)."""
     generator = torch.Generator().manual_seed(1)

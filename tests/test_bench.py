@@ -126,12 +126,9 @@ def test_prefill_and_decode_rows_name_the_kernels_their_own_shapes_ran(tiny_mode
             "Int4Linear: torch._weight_int4pack_mm_for_cpu"
 
 
-def test_bench_profile_names_the_operations_of_each_phase(tmp_path):
-    out = tmp_path / "bench"
-    assert main(["bench", "random:tiny", "--batch", "1", "--prompt", "8", "--new", "4",
-                 "--prefill", "1x16", "--warmup", "0", "--repeats", "1", "--peers", "none",
-                 "--profile", "--out", str(out)]) in (0, None)
-    profile = json.loads((out / "bench.json").read_text())["rows"][0]["profile"]
+def test_bench_profile_names_the_operations_of_each_phase(tiny_bench):
+    doc, md = tiny_bench("--profile", new="4")
+    profile = doc["rows"][0]["profile"]
     for phase in ("decode", "prefill"):
         top = profile[phase]["top"]
         assert top and all(r["self_ms"] > 0 and r["calls"] > 0 for r in top)
@@ -139,7 +136,7 @@ def test_bench_profile_names_the_operations_of_each_phase(tmp_path):
         assert any("mm" in r["op"] or "linear" in r["op"] for r in top)
     assert (profile["decode"]["batch"], profile["decode"]["steps"]) == (1, 4)
     assert (profile["prefill"]["batch"], profile["prefill"]["tokens"]) == (1, 16)
-    assert "## Profile" in (out / "bench.md").read_text()
+    assert "## Profile" in md
 
 
 def test_a_failing_profile_keeps_the_figures(tiny_model, monkeypatch):

@@ -201,17 +201,9 @@ def test_compiled_prefill_gives_the_eager_logits(lively):
     assert compiled._prefill_forward == compiled._eager_prefill_forward
 
 
-def test_bench_with_compiled_prefill_reports_its_compile_time(tmp_path):
-    import json
-
-    from compress.cli import main
-
-    out = tmp_path / "bench"
-    assert main(["bench", "random:tiny", "--batch", "1", "--prompt", "8", "--new", "2",
-                 "--prefill", "1x16", "--warmup", "0", "--repeats", "1", "--peers", "none",
-                 "--compile-prefill", "--out", str(out)]) in (0, None)
-    doc = json.loads((out / "bench.json").read_text())
+def test_bench_with_compiled_prefill_reports_its_compile_time(tiny_bench):
+    doc, md = tiny_bench("--compile-prefill")
     (prefill,) = doc["rows"][0]["prefill"]
     assert doc["protocol"]["compile_prefill"] is True and prefill["compile_s"] > 0
     assert prefill["kernels"]["mlp.down_proj"] == "Linear: torch.nn.functional.linear"
-    assert "prefill compiled" in (out / "bench.md").read_text()
+    assert "prefill compiled" in md

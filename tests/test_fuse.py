@@ -100,19 +100,11 @@ def test_a_slice_called_out_of_order_fails_loudly(lively):
         attention.k_proj(x)  # each output is handed back once
 
 
-def test_bench_records_the_fusion(tmp_path):
-    import json
-
-    from compress.cli import main
-
-    out = tmp_path / "bench"
-    assert main(["bench", "random:tiny", "--batch", "1", "--prompt", "8", "--new", "2",
-                 "--prefill", "1x8", "--warmup", "0", "--repeats", "1", "--peers", "none",
-                 "--fuse-projections", "--out", str(out)]) in (0, None)
-    doc = json.loads((out / "bench.json").read_text())
+def test_bench_records_the_fusion(tiny_bench):
+    doc, md = tiny_bench("--fuse-projections")
     assert doc["protocol"]["fuse_projections"] is True
     assert doc["rows"][0]["fused_projection_groups"] == 4
-    assert "q/k/v and gate/up fused" in (out / "bench.md").read_text()
+    assert "q/k/v and gate/up fused" in md
 
 
 def test_an_undone_fusion_leaves_a_model_that_compresses(lively):

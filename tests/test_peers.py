@@ -1,21 +1,16 @@
 """Peers beside our engine in `compress bench`: measured where they can run, a skipped row with
 the reason where they cannot, and no process-wide setting of theirs left behind."""
-import json
 
 import pytest
 import torch
 from torch._inductor import config as inductor_config
 
-from compress.cli import main
 from evaluate import peers
 
 
-def test_peers_on_cpu_measure_hf_and_skip_the_cuda_only_ones(tmp_path):
-    out = tmp_path / "bench"
-    assert main(["bench", "random:tiny", "--batch", "1", "--prompt", "8", "--new", "4",
-                 "--prefill", "1x16", "--warmup", "0", "--repeats", "1",
-                 "--peers", "hf-eager,bnb-int8,torchao-int4", "--out", str(out)]) in (0, None)
-    rows = {row["name"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
+def test_peers_on_cpu_measure_hf_and_skip_the_cuda_only_ones(tiny_bench):
+    doc, _ = tiny_bench("--peers", "hf-eager,bnb-int8,torchao-int4", new="4")
+    rows = {row["name"]: row for row in doc["rows"]}
     assert len(rows) == 4 and {"hf-eager", "bnb-int8", "torchao-int4"} <= set(rows)
     (decode,) = rows["hf-eager"]["decode"]
     assert decode["ms_per_token"] > 0 and decode["new_tokens"] == 4

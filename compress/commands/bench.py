@@ -28,22 +28,7 @@ def add_parser(subparsers) -> None:
                    help="prefill shapes BATCHxTOKENS (default 1x2048,8x512)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on CUDA); compile time reported apart")
-    p.add_argument("--compile-prefill", action="store_true",
-                   help="also compile the prefill forward (one graph per prompt shape): "
-                        "inductor fuses the element-wise work between the matmuls")
-    p.add_argument("--tune-kernels", action="store_true",
-                   help="with --compile: tune the compiled step's Triton kernels (inductor's "
-                        "coordinate descent, as gpt-fast does); longer compile")
-    p.add_argument("--semi-structured", action="store_true",
-                   help="on CUDA, run a 2:4-pruned model's linears as semi-structured sparse "
-                        "tensors (cuSPARSELt/CUTLASS) at the row counts where each shape "
-                        "measured faster than dense; dense models are unchanged")
-    p.add_argument("--fuse-projections", action="store_true",
-                   help="run q/k/v and gate/up as one matmul each, as inference engines do "
-                        "(fewer, larger kernels per decode step)")
-    p.add_argument("--profile", action="store_true",
-                   help="after timing, profile a few decode steps and one prefill: the top "
-                        "kernels by self time go to bench.json and bench.md")
+    add_runtime_switches(p)
     p.add_argument("--kernel", default="", metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton,int8=triton (compress/formats/triton_kernels.py: a GEMV for one "
@@ -57,6 +42,40 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_model_options(p)
     p.set_defaults(run=run)
+
+
+# On / off switches of a timed run, as BenchSettings and BenchConfig fields: `compress bench`
+# spells them --NAME, `compress sweep` --bench-NAME, a recipe's bench section NAME.
+RUNTIME_SWITCHES = {
+    "compile_prefill": "also compile the prefill forward (one graph per prompt shape): inductor "
+                       "fuses the element-wise work between the matmuls",
+    "tune_kernels": "with --compile: tune the compiled step's Triton kernels (inductor's "
+                    "coordinate descent, as gpt-fast does); longer compile",
+    "semi_structured": "on CUDA, run a 2:4-pruned model's linears as semi-structured sparse "
+                       "tensors (cuSPARSELt/CUTLASS) at the row counts where each shape measured "
+                       "faster than dense; dense models are unchanged",
+    "fuse_projections": "run q/k/v and gate/up as one matmul each, as inference engines do "
+                        "(fewer, larger kernels per decode step)",
+    "profile": "after timing, profile a few decode steps and one prefill: the top kernels by "
+               "self time go to the JSON and the Markdown",
+}
+
+
+def add_runtime_switches(parser, prefix: str = "") -> None:
+    for field, help_text in RUNTIME_SWITCHES.items():
+        parser.add_argument(f"--{prefix}{field.replace('_', '-')}", action="store_true",
+                            help=help_text)
+
+
+def runtime_switches(args, prefix: str = "") -> dict:
+    """The switches' values from parsed flags (`prefix` as given to add_runtime_switches)."""
+    dest = prefix.replace("-", "_")
+    return {field: getattr(args, dest + field) for field in RUNTIME_SWITCHES}
+
+
+def switch_flags(prefix: str = "") -> dict:
+    """Field -> the flag as the user writes it, for error messages."""
+    return {field: f"--{prefix}{field.replace('_', '-')}" for field in RUNTIME_SWITCHES}
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
@@ -101,10 +120,8 @@ def build_bench_config(settings, flag, **extra) -> BenchConfig:
     return BenchConfig(batches=parse_ints(settings.batches, flag("batches")),
                        prompt=settings.prompt, new=settings.new,
                        prefill=parse_shapes(settings.prefill), compile=settings.compile,
-                       tune_kernels=settings.tune_kernels, compile_prefill=settings.compile_prefill,
                        warmup=settings.warmup, repeats=settings.repeats,
-                       semi_structured=settings.semi_structured,
-                       fuse_projections=settings.fuse_projections, profile=settings.profile,
+                       **{field: getattr(settings, field) for field in RUNTIME_SWITCHES},
                        kernel_choices=parse_kernel_choices(settings.kernel, flag("kernel")),
                        **extra)
 
@@ -121,13 +138,8 @@ def run(args) -> int:
     dtype = resolve_dtype(args)
     settings = BenchSettings(batches=args.batch, prompt=args.prompt, new=args.new,
                              prefill=args.prefill, warmup=args.warmup, repeats=args.repeats,
-                             compile=args.compile, tune_kernels=args.tune_kernels,
-                             compile_prefill=args.compile_prefill,
-                             semi_structured=args.semi_structured,
-                             fuse_projections=args.fuse_projections, profile=args.profile,
-                             kernel=args.kernel)
-    flags = {"batches": "--batch", "kernel": "--kernel", "compile": "--compile",
-             "tune_kernels": "--tune-kernels"}
+                             compile=args.compile, kernel=args.kernel, **runtime_switches(args))
+    flags = {"batches": "--batch", "kernel": "--kernel", "compile": "--compile", **switch_flags()}
     cfg = build_bench_config(settings, flags.get,
                              peers=parse_peers(args.peers))
     if args.out:

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from compress.checkpoint import atomic_output_dir, check_output
 from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
-from compress.commands.bench import build_bench_config
+from compress.commands.bench import (add_runtime_switches, build_bench_config, runtime_switches,
+                                     switch_flags)
 from compress.errors import UserError
 from compress.pipeline import Session, compress_model, evaluate, evaluation_windows
 from compress.recipe import BenchSettings, load_recipe
@@ -58,21 +59,10 @@ def add_parser(subparsers) -> None:
     b.add_argument("--bench-warmup", type=int, default=2, help="warm-up runs (2)")
     b.add_argument("--bench-repeats", type=int, default=5, help="timed runs, median kept (5)")
     b.add_argument("--compile", action="store_true", help="compile the decode step")
-    b.add_argument("--bench-compile-prefill", action="store_true",
-                   help="also compile the prefill forward (one graph per prompt shape)")
-    b.add_argument("--bench-tune-kernels", action="store_true",
-                   help="with --compile: tune the compiled step's Triton kernels (coordinate "
-                        "descent, as gpt-fast does); longer compile")
     b.add_argument("--bench-kernel", default="", metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton; layers of other formats keep theirs")
-    b.add_argument("--bench-fuse-projections", action="store_true",
-                   help="time with q/k/v and gate/up as one matmul each (the baseline too)")
-    b.add_argument("--bench-profile", action="store_true",
-                   help="profile a few decode steps and a prefill of each model (in its JSON)")
-    b.add_argument("--bench-semi-structured", action="store_true",
-                   help="on CUDA, time 2:4-pruned recipes with semi-structured sparse weights "
-                        "where they measure faster than dense")
+    add_runtime_switches(b, "bench-")  # the baseline runs with them too
     p.set_defaults(run=run)
 
 
@@ -82,14 +72,11 @@ def bench_config(args):
     settings = BenchSettings(batches=args.bench_batch, prompt=args.bench_prompt,
                              new=args.bench_new, prefill=args.bench_prefill,
                              warmup=args.bench_warmup, repeats=args.bench_repeats,
-                             compile=args.compile, tune_kernels=args.bench_tune_kernels,
-                             compile_prefill=args.bench_compile_prefill,
-                             semi_structured=args.bench_semi_structured,
-                             fuse_projections=args.bench_fuse_projections,
-                             profile=args.bench_profile, kernel=args.bench_kernel)
+                             compile=args.compile, kernel=args.bench_kernel,
+                             **runtime_switches(args, "bench-"))
     return build_bench_config(settings, {"batches": "--bench-batch", "kernel": "--bench-kernel",
                                          "compile": "--compile",
-                                         "tune_kernels": "--bench-tune-kernels"}.get)
+                                         **switch_flags("bench-")}.get)
 
 
 def load_recipes(args) -> list:
