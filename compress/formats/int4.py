@@ -34,7 +34,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     made the compiled dequantize two kernels and the fused dequantize-GEMV read 2.5 bytes per
     weight instead of 0.5 (tests/test_kernel_fusion.py checks the generated code).
     """
-    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device)
+    # arange, not torch.tensor([0, 4]): inductor computes it in the kernel instead of reading
+    # a constant buffer it may have to create first.
+    shifts = torch.arange(0, 8, 4, dtype=torch.uint8, device=packed.device)
     codes = (packed[..., None] >> shifts) & 0x0F
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
