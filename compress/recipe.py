@@ -63,6 +63,7 @@ class BenchSettings:
     compile_prefill: bool = False  # the prefill forward compiled too (one graph per prompt shape)
     semi_structured: bool = False
     fuse_projections: bool = False  # q/k/v and gate/up as one matmul each (evaluate/fuse.py)
+    gqa_decode: bool = False  # decode attention without repeat_kv (evaluate/attention.py)
     profile: bool = False  # profile a few decode steps and a prefill after timing them
     kernel: str = ""  # FORMAT=KERNEL pairs, e.g. "int4=triton"; "" keeps the measured defaults
 

@@ -13,6 +13,7 @@ from torch import nn
 from compress.adapters import adapter_for, decoder_linears
 from compress.errors import UserError
 from compress.prune.semi_structured import is_2of4_model, materialize_2of4_where_faster
+from evaluate.attention import use_gqa_decode_attention
 from evaluate.engine import Engine, random_tokens
 from evaluate.fuse import fuse_projections
 from evaluate.memory import parameter_count, stored_tensors, weight_bytes
@@ -45,6 +46,8 @@ class BenchConfig:
     semi_structured: bool = False
     # Run q/k/v and gate/up as one matmul each (evaluate/fuse.py), as inference engines do.
     fuse_projections: bool = False
+    # Decode attention on the grouped K/V cache as stored, without repeat_kv's copy of it.
+    gqa_decode: bool = False
     # After the timed rows, profile a few decode steps and one prefill (evaluate/profile.py).
     profile: bool = False
     # (format, kernel) pairs: run the layers of that format with another kernel than the measured
@@ -75,7 +78,8 @@ class BenchConfig:
                 "inputs": "random token ids in [1, vocab)", "compile": self.compile,
                 "tune_kernels": self.tune_kernels, "compile_prefill": self.compile_prefill,
                 "semi_structured": self.semi_structured,
-                "fuse_projections": self.fuse_projections, "profile": self.profile,
+                "fuse_projections": self.fuse_projections, "gqa_decode": self.gqa_decode,
+                "profile": self.profile,
                 "kernel_choices": dict(self.kernel_choices), "device": str(device)}
 
 
@@ -87,22 +91,25 @@ def measure_ceilings(cfg: BenchConfig, device, dtype: torch.dtype) -> dict:
 
 
 def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
-    """One row: our engine on `model` (already on `device`, eval mode). Fused projections are
-    undone afterwards; a 2:4 model keeps its semi-structured weights."""
+    """One row: our engine on `model` (already on `device`, eval mode). Fused projections and
+    the decode attention are undone afterwards; a 2:4 model keeps its semi-structured weights."""
     semi = None
     if cfg.semi_structured and is_cuda(device) and is_2of4_model(model):
         rows = sorted({*cfg.batches, *(batch * length for batch, length in cfg.prefill)})
         semi = materialize_2of4_where_faster(model, rows, linear_timer(device))
     fused = fuse_projections(model) if cfg.fuse_projections else None
+    attention = use_gqa_decode_attention(model) if cfg.gqa_decode else None
     try:
         row = _bench_engine(model, cfg, device, name, ceil)
     finally:
-        if fused is not None:
-            fused.undo()
+        for transform in (attention, fused):
+            if transform is not None:
+                transform.undo()
     row["semi_structured_linears"] = sum(c != "dense" for c in semi["linears"].values()) \
         if semi else 0
     row["semi_structured_shapes"] = semi["shapes"] if semi else None
     row["fused_projection_groups"] = len(fused.groups) if fused else 0
+    row["gqa_decode_attention"] = attention is not None
     return row
 
 

@@ -12,6 +12,8 @@
 #                                         # coordinate-descent-tuned kernels (--tune-kernels)
 #   bash scripts/gpu_checks.sh fused      # bf16 / int4 / int8 with q/k/v and gate/up fused
 #                                         # (--bench-fuse-projections), against `short`'s figures
+#   bash scripts/gpu_checks.sh engine     # bf16 decode at batch 1 and 8: as is, with the GQA decode
+#                                         # attention (--gqa-decode), and with fused projections too
 #   bash scripts/gpu_checks.sh prefill    # bf16 prefill compiled (--compile-prefill), then also
 #                                         # with fused projections: the 70%-of-matmul goal
 #   bash scripts/gpu_checks.sh smollm2    # speed of the SmolLM2 sweep's recipes (issue 7), joined
@@ -28,8 +30,9 @@
 #      T_SWEEP=330 T_BENCH=0; device timeout_s 595): the GPU tests but Triton's, kernel timings
 #      (int4 fused GEMV at 0.5 byte per weight now, coordinate-descent-tuned columns), then
 #      int4, W8A8, 2:4, mlp25, layers-drop4, FP8, int8 at batch 1 against bf16, profiled.
-#   2. `inductor` (int4 / int8 decode, tuned inductor GEMVs), `triton`, `fused`, `prefill`,
-#      `smollm2`, `gptq`, `bench` (carry .whl for its bitsandbytes and torchao peers).
+#   2. `engine` (bf16 decode: GQA attention, fused projections), `inductor` (int4 / int8 decode,
+#      tuned inductor GEMVs), `triton`, `fused`, `prefill`, `smollm2`, `gptq`, `bench` (carry
+#      .whl for its bitsandbytes and torchao peers).
 #
 # Figures land in $OUT (default: $OUT of the device tool, else reports/gpu-<shape>); copy them
 # into reports/ with the GPU name. The device image has torch, transformers, pandas, pyyaml,
@@ -156,6 +159,16 @@ if run_stage fused; then
         --corpus random --windows 1 --seq-len 512 --bench "${COMPILE[@]}" --bench-batch 1 \
         "${SWEEP_B1[@]}" --bench-fuse-projections --out "$OUT/sweep-fused" --overwrite \
         --title "$MODEL on $DEVICE, batch 1: q/k/v and gate/up fused" || true
+fi
+if run_stage engine; then
+    # The 85%-of-roofline goal: transformers' decode copies the K/V cache for GQA every step
+    # (repeat_kv; worse at batch 8) and runs 7 matmuls a layer where 4 would do.
+    for opts in "" "--gqa-decode" "--gqa-decode --fuse-projections"; do
+        name=${opts:-default}; name=${name//--/}; name=${name// /+}
+        # shellcheck disable=SC2086  # $opts is a list of flags
+        compress bench "$MODEL" --device "$DEVICE" --peers none "${COMPILE[@]}" --batch 1,8 \
+            "${SHAPES_B1[@]}" $opts --out "$OUT/bench-engine-$name" --overwrite || true
+    done
 fi
 if run_stage prefill; then
     # Eager prefill reached 62-66% of the matmul rate on an H200; the element-wise work between

@@ -56,6 +56,8 @@ RUNTIME_SWITCHES = {
                        "faster than dense; dense models are unchanged",
     "fuse_projections": "run q/k/v and gate/up as one matmul each, as inference engines do "
                         "(fewer, larger kernels per decode step)",
+    "gqa_decode": "decode attention reads the grouped K/V cache as stored, without "
+                  "transformers' repeat_kv copy of it (evaluate/attention.py)",
     "profile": "after timing, profile a few decode steps and one prefill: the top kernels by "
                "self time go to the JSON and the Markdown",
 }

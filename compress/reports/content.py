@@ -131,7 +131,8 @@ def runtime_options(proto: dict) -> str:
     """How the timed model ran, from a speed protocol: 'True (Triton kernels tuned, ...)'."""
     extras = [text for key, text in (("tune_kernels", "Triton kernels tuned"),
                                      ("compile_prefill", "prefill compiled"),
-                                     ("fuse_projections", "q/k/v and gate/up fused"))
+                                     ("fuse_projections", "q/k/v and gate/up fused"),
+                                     ("gqa_decode", "GQA decode attention"))
               if proto.get(key)]
     return f"{proto.get('compile')}" + (f" ({', '.join(extras)})" if extras else "")
 
