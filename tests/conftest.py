@@ -38,6 +38,21 @@ def tiny_bench(tmp_path):
 
 
 @pytest.fixture
+def first_compiled_step():
+    """step(model, ids, max_len): float32 logits of the first decode step after a prefill of
+    `ids`, the step compiled (CUDA graphs on CUDA) by a fresh engine."""
+    def step(model, ids: torch.Tensor, max_len: int) -> torch.Tensor:
+        from evaluate.engine import Engine
+
+        engine = Engine(model)
+        engine.allocate(ids.shape[0], max_len)
+        engine.compile_decode()
+        first = engine.prefill(ids)
+        return engine.decode_step(first.argmax(-1), engine.next_positions(ids.shape[1])).float()
+    return step
+
+
+@pytest.fixture
 def tokens():
     """Random token ids [4, 64] inside the tiny vocab (never zeros)."""
     generator = torch.Generator().manual_seed(1)
