@@ -255,8 +255,8 @@ def rescale_output(acc: torch.Tensor, row_scale: torch.Tensor | None,
                    dtype: torch.dtype) -> torch.Tensor:
     """A W8A8 GEMM's epilogue: acc [rows, out] (int32 or float) times the per-row (activation)
     and per-column (weight) scales, plus bias, in float32, cast to `dtype`. One kernel on CUDA
-    instead of four full passes over [rows, out] in float32, which for a 2048-token prefill of
-    the Llama-3-8B shape move about 45 GB."""
+    instead of four full passes over [rows, out] in float32: for a 2048-token prefill of the
+    Llama-3-8B shape, 17 GB moved instead of about 85 GB."""
     out = acc.float()
     if row_scale is not None:
         out = out * row_scale
