@@ -26,8 +26,8 @@
 #                                         # everything packed in $OUT/gpu-short.tgz
 #
 # A 15-minute lease, spent as reports/h200-llama3-8b suggests (machine start and idle count too):
-#   1. bash scripts/gpu_checks.sh short (default limits T_KERNELS=150 T_KERNEL_BENCH=100
-#      T_SWEEP=330 T_BENCH=0; device timeout_s 595): the GPU tests but Triton's, kernel timings
+#   1. bash scripts/gpu_checks.sh short (default limits T_KERNELS=150 T_KERNEL_BENCH=120
+#      T_SWEEP=310 T_BENCH=0; device timeout_s 595): the GPU tests but Triton's, kernel timings
 #      (int4 fused GEMV at 0.5 byte per weight now, coordinate-descent-tuned columns), then
 #      int4, W8A8, 2:4, mlp25, layers-drop4, FP8, int8 at batch 1 against bf16, profiled.
 #   2. `engine` (bf16 decode: GQA attention, fused projections), `inductor` (int4 / int8 decode,
@@ -106,15 +106,17 @@ if [ "$STAGE" = short ]; then
         --ignore=tests/test_triton_kernels.py tests/ \
         > "$WORK/kernels.log" 2>&1 || echo "kernels: exit $?" >> "$WORK/kernels.log"
     [ -n "${SMALL:-}" ] && INT4=recipes/int4-g64-sym.yaml || INT4=recipes/int4-g128-sym.yaml
-    if [ "${T_KERNEL_BENCH:-100}" -gt 0 ]; then
-        timeout "${T_KERNEL_BENCH:-100}" "$PY" -m evaluate.kernel_bench --shape "${MODEL#random:}" \
-            --group-size "$GROUP" --device "$DEVICE" --out "$WORK/kernel-bench/kernels.json" \
+    if [ "${T_KERNEL_BENCH:-120}" -gt 0 ]; then
+        # One decode row (every candidate compiled: the slow part) and one prefill size.
+        timeout "${T_KERNEL_BENCH:-120}" "$PY" -m evaluate.kernel_bench --shape "${MODEL#random:}" \
+            --rows 1,2048 --group-size "$GROUP" --device "$DEVICE" \
+            --out "$WORK/kernel-bench/kernels.json" \
             > "$WORK/kernel-bench.log" 2>&1 || echo "kernel bench: exit $?" >> "$WORK/kernel-bench.log"
     fi
     # Ordered by what is most worth knowing (a step stopped by its time limit loses the last
     # recipes first): int4 after the fix of its dequantization, then what no GPU has measured
     # (W8A8, 2:4, structured), FP8 with its fused epilogue, int8 (reports/h200-llama3-8b).
-    timeout "${T_SWEEP:-330}" "$PY" -m compress.cli sweep "$INT4" recipes/smoothquant-w8a8.yaml \
+    timeout "${T_SWEEP:-310}" "$PY" -m compress.cli sweep "$INT4" recipes/smoothquant-w8a8.yaml \
         recipes/wanda-2of4.yaml recipes/mlp25.yaml recipes/layers-drop4.yaml \
         recipes/fp8-w8a8.yaml recipes/int8-channel.yaml "${INT4%.yaml}-lmhead8.yaml" \
         --model "$MODEL" --device "$DEVICE" \
