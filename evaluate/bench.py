@@ -18,7 +18,8 @@ from evaluate.engine import Engine, random_tokens
 from evaluate.fuse import fuse_projections
 from evaluate.memory import parameter_count, stored_tensors, weight_bytes
 from evaluate.profile import profile_phases
-from evaluate.timing import PeakMemory, ceilings, is_cuda, synchronize, time_it
+from evaluate.timing import (PeakMemory, calls_per_sample, ceilings, is_cuda, seconds_per_call,
+                             synchronize, time_it)
 
 PEERS = ("hf", "hf-eager", "bnb-int8", "bnb-nf4", "torchao-int4", "torchao-int8")
 
@@ -234,16 +235,12 @@ def unread_bytes(model: nn.Module, rows: int) -> int:
 
 
 def linear_timer(device):
-    """timer(weight, rows) -> seconds per F.linear of `rows` random rows (medians of CUDA-event
-    timings of back-to-back calls): how materialize_2of4_where_faster compares dense and 2:4."""
+    """timer(weight, rows) -> seconds per F.linear of `rows` random rows, timed as the kernel
+    bench times its candidates: how materialize_2of4_where_faster compares dense and 2:4."""
     def timer(weight: torch.Tensor, rows: int) -> float:
         x = torch.randn(rows, weight.shape[1], device=device, dtype=weight.dtype)
-        calls = 20 if rows <= 64 else 3
-
-        def run():
-            for _ in range(calls):
-                F.linear(x, weight)
-        return time_it(run, device, 2, 5)["median_s"] / calls
+        return seconds_per_call(lambda: F.linear(x, weight), device, calls_per_sample(rows), 2,
+                                5)[0]
     return timer
 
 

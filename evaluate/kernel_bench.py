@@ -23,7 +23,7 @@ from compress.formats.w8a8 import W8A8Linear
 from compress.quant.rtn import quantized_linear
 from compress.shapes import llama_config
 from evaluate.results import environment
-from evaluate.timing import time_it
+from evaluate.timing import calls_per_sample, seconds_per_call
 
 COMPILED_MAX_ROWS = 64  # rows up to this are decode batches: timed through torch.compile
 # Compiled inductor reductions whose block sizes matter: also timed with coordinate-descent
@@ -76,32 +76,6 @@ def label(fn, compiled: bool) -> str:
     return f"{kernel} [{triton.tuning}]" if triton is not None else kernel
 
 
-def time_call(fn, x: torch.Tensor, device, calls: int, warmup: int,
-              repeats: int) -> tuple[float, str]:
-    """(median seconds per call, clock). On CUDA the `calls` calls are captured once in a CUDA
-    graph and replayed: a compiled call's host overhead (guards, launches: tens of microseconds)
-    would otherwise hide kernels that take as long, as it did in this tool's first H200 run.
-    Where capture fails, plain back-to-back calls, and the clock says so."""
-    def run():
-        for _ in range(calls):
-            fn(x)
-    timed, clock = run, "back-to-back calls (launch overhead included)"
-    if torch.device(device).type == "cuda":
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm up off the default stream, as capture wants
-                run()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
-            timed, clock = graph.replay, "CUDA graph replay"
-        except Exception:  # not capturable: time the calls as they are
-            torch.cuda.synchronize()
-    return time_it(timed, device, warmup, repeats)["median_s"] / calls, clock
-
-
 def bench_shape(name: str, out_features: int, in_features: int, rows: list[int], group_size: int,
                 device, repeats: int) -> Iterator[dict]:
     """One record per row count, yielded as soon as it is measured."""
@@ -109,7 +83,7 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
     for m in rows:
         x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
         compiled = m <= COMPILED_MAX_ROWS and torch.device(device).type == "cuda"
-        calls = 20 if m <= COMPILED_MAX_ROWS else 3
+        calls = calls_per_sample(m)
         row = {"linear": name, "out": out_features, "in": in_features, "rows": m,
                "compiled": compiled, "us": {}, "kernel": {}, "clock": {}}
         # The fused GEMV serves one row; at more it is the int4 column again.
@@ -124,7 +98,8 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
             try:
                 with inductor_config.patch(coordinate_descent_tuning=tune):
                     fn(x)  # compile, and set the eager labels
-                seconds, row["clock"][key] = time_call(fn, x, device, calls, 2, repeats)
+                seconds, row["clock"][key] = seconds_per_call(lambda: fn(x), device, calls, 2,
+                                                              repeats)
             except Exception as exc:  # a kernel this GPU or torch lacks: say so, go on
                 row["kernel"][key] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:160]
                 continue

@@ -44,6 +44,38 @@ def time_it(fn: Callable[[], object], device, warmup: int = 2, repeats: int = 5,
             "clock": "cuda-events" if is_cuda(device) else "perf_counter"}
 
 
+def calls_per_sample(rows: int) -> int:
+    """How many calls of a linear on `rows` rows one timing sample holds: a decode-sized call
+    takes microseconds, too few for one pair of CUDA events to resolve."""
+    return 20 if rows <= 64 else 3
+
+
+def seconds_per_call(call: Callable[[], object], device, calls: int, warmup: int,
+                     repeats: int) -> tuple[float, str]:
+    """(median seconds per call, clock) of `calls` back-to-back calls. On CUDA they are
+    captured once in a CUDA graph and replayed: a call's host overhead (guards, launches: tens of
+    microseconds) would otherwise hide kernels that take as long, as it did in the kernel bench's
+    first H200 run. Where capture fails, plain back-to-back calls, and the clock says so."""
+    def run():
+        for _ in range(calls):
+            call()
+    timed, clock = run, "back-to-back calls (launch overhead included)"
+    if is_cuda(device):
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up off the default stream, as capture wants
+                run()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            timed, clock = graph.replay, "CUDA graph replay"
+        except Exception:  # not capturable: time the calls as they are
+            torch.cuda.synchronize()
+    return time_it(timed, device, warmup, repeats)["median_s"] / calls, clock
+
+
 def _one(fn, device) -> float:
     if is_cuda(device):
         # Wait for setup's work first so that it does not run inside the timed region.
