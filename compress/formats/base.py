@@ -144,6 +144,12 @@ class QuantizedLinear(nn.Module):
             except ValueError as exc:
                 raise UserError(f"kernel 'triton' unavailable: {exc}") from None
 
+    def chosen_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output of the Triton kernels where they were chosen and take these rows, else of
+        `fused_gemv` where a compiled forward runs it; None leaves `x` to the format's own path."""
+        out = self.triton_forward(x)
+        return out if out is not None else self.compiled_gemv(x)
+
     def compiled_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """`fused_gemv`'s output when this forward is being compiled and `x` fits it, else None."""
         if torch.compiler.is_compiling() and self.fused_gemv_fits(x):

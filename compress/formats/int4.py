@@ -85,9 +85,7 @@ class Int4Linear(QuantizedLinear):
         self._fast_key = (self.qweight.device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.triton_forward(x)
-        if out is None:
-            out = self.compiled_gemv(x)
+        out = self.chosen_forward(x)
         if out is not None:
             return out
         if not torch.compiler.is_compiling() and \

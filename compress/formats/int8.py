@@ -54,9 +54,7 @@ class Int8Linear(QuantizedLinear):
                                dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.triton_forward(x)
-        if out is None:
-            out = self.compiled_gemv(x)
+        out = self.chosen_forward(x)
         if out is not None:
             return out
         if self.symmetric and self.group_size == 0 and x.dtype == self.scales.dtype and \
