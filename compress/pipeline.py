@@ -15,14 +15,14 @@ from compress.calibration import CalibrationData
 from compress.checkpoint import atomic_output_dir, write_checkpoint
 from compress.data import (TokenizedCorpus, calibration_samples, eval_defaults, eval_windows,
                            load_corpus)
+from compress.evaluate.divergence import Reference, evaluate_windows
+from compress.evaluate.memory import parameter_count, weight_bytes
+from compress.evaluate.perplexity import perplexity
+from compress.evaluate.results import build_results, write_json
+from compress.evaluate.timing import PeakMemory
 from compress.passes import pass_table
 from compress.recipe import EvaluationSettings, Recipe, apply_recipe
 from compress.sources import Loaded, check_device, load_model
-from evaluate.divergence import Reference, evaluate_windows
-from evaluate.memory import parameter_count, weight_bytes
-from evaluate.perplexity import perplexity
-from evaluate.results import build_results, write_json
-from evaluate.timing import PeakMemory
 
 
 @dataclass

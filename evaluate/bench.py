@@ -12,14 +12,14 @@ from torch import nn
 
 from compress.adapters import adapter_for, decoder_linears
 from compress.errors import UserError
+from compress.evaluate.attention import use_gqa_decode_attention
+from compress.evaluate.engine import Engine, random_tokens
+from compress.evaluate.fuse import fuse_projections
+from compress.evaluate.memory import parameter_count, stored_tensors, weight_bytes
+from compress.evaluate.profile import profile_phases
+from compress.evaluate.timing import (PeakMemory, calls_per_sample, ceilings, is_cuda,
+                                      seconds_per_call, synchronize, time_it)
 from compress.prune.semi_structured import is_2of4_model, materialize_2of4_where_faster
-from evaluate.attention import use_gqa_decode_attention
-from evaluate.engine import Engine, random_tokens
-from evaluate.fuse import fuse_projections
-from evaluate.memory import parameter_count, stored_tensors, weight_bytes
-from evaluate.profile import profile_phases
-from evaluate.timing import (PeakMemory, calls_per_sample, ceilings, is_cuda, seconds_per_call,
-                             synchronize, time_it)
 
 PEERS = ("hf", "hf-eager", "bnb-int8", "bnb-nf4", "torchao-int4", "torchao-int8")
 

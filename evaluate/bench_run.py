@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from compress.evaluate.bench import BenchConfig, bench_engine, measure_ceilings, sync_and_free
+from compress.evaluate.peers import run_peer
+from compress.evaluate.profile import markdown as profile_markdown
+from compress.evaluate.results import environment
 from compress.reports.content import runtime_options
-from evaluate.bench import BenchConfig, bench_engine, measure_ceilings, sync_and_free
-from evaluate.peers import run_peer
-from evaluate.profile import markdown as profile_markdown
-from evaluate.results import environment
 
 
 def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,

@@ -19,7 +19,7 @@ import torch
 
 from compress.adapters import cache_argument
 from compress.errors import UserError
-from evaluate.timing import synchronize
+from compress.evaluate.timing import synchronize
 
 
 @dataclass

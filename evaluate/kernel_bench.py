@@ -3,7 +3,7 @@ behind the kernel choices in compress/formats (which rows take tinygemm, the fus
 dequantize + cuBLAS). Decode-sized rows are timed compiled (as the engine's compiled decode step
 runs them), prefill-sized rows eagerly (as its prefill runs them).
 
-    python -m evaluate.kernel_bench --shape llama3-8b --rows 1,8,2048 --out kernels.json
+    python -m compress.evaluate.kernel_bench --shape llama3-8b --rows 1,8,2048 --out kernels.json
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch._inductor import config as inductor_config
 
+from compress.evaluate.results import environment
+from compress.evaluate.timing import calls_per_sample, seconds_per_call
 from compress.formats import triton_kernels
 from compress.formats.fp8 import FP8Linear, fp8_capable
 from compress.formats.w8a8 import W8A8Linear
 from compress.quant.rtn import quantized_linear
 from compress.shapes import llama_config
-from evaluate.results import environment
-from evaluate.timing import calls_per_sample, seconds_per_call
 
 COMPILED_MAX_ROWS = 64  # rows up to this are decode batches: timed through torch.compile
 # Compiled inductor reductions whose block sizes matter: also timed with coordinate-descent

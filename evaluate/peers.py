@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from compress.adapters import adapter_for
-from evaluate.bench import BenchConfig, bench_engine, linear_kernels, sync_and_free
-from evaluate.engine import random_tokens
-from evaluate.memory import weight_bytes
-from evaluate.timing import PeakMemory, is_cuda, time_it
+from compress.evaluate.bench import BenchConfig, bench_engine, linear_kernels, sync_and_free
+from compress.evaluate.engine import random_tokens
+from compress.evaluate.memory import weight_bytes
+from compress.evaluate.timing import PeakMemory, is_cuda, time_it
 
 
 def run_peer(name: str, model, source: str, cfg: BenchConfig, device, ceil: dict) -> dict:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from evaluate.engine import Engine, random_tokens
-from evaluate.timing import is_cuda, synchronize
+from compress.evaluate.engine import Engine, random_tokens
+from compress.evaluate.timing import is_cuda, synchronize
 
 TOP = 20  # rows kept per phase
 

@@ -108,8 +108,8 @@ if [ "$STAGE" = short ]; then
     [ -n "${SMALL:-}" ] && INT4=recipes/int4-g64-sym.yaml || INT4=recipes/int4-g128-sym.yaml
     if [ "${T_KERNEL_BENCH:-120}" -gt 0 ]; then
         # One decode row (every candidate compiled: the slow part) and one prefill size.
-        timeout "${T_KERNEL_BENCH:-120}" "$PY" -m evaluate.kernel_bench --shape "${MODEL#random:}" \
-            --rows 1,2048 --group-size "$GROUP" --device "$DEVICE" \
+        timeout "${T_KERNEL_BENCH:-120}" "$PY" -m compress.evaluate.kernel_bench \
+            --shape "${MODEL#random:}" --rows 1,2048 --group-size "$GROUP" --device "$DEVICE" \
             --out "$WORK/kernel-bench/kernels.json" \
             > "$WORK/kernel-bench.log" 2>&1 || echo "kernel bench: exit $?" >> "$WORK/kernel-bench.log"
     fi

@@ -42,7 +42,7 @@ def first_compiled_step():
     """step(model, ids, max_len): float32 logits of the first decode step after a prefill of
     `ids`, the step compiled (CUDA graphs on CUDA) by a fresh engine."""
     def step(model, ids: torch.Tensor, max_len: int) -> torch.Tensor:
-        from evaluate.engine import Engine
+        from compress.evaluate.engine import Engine
 
         engine = Engine(model)
         engine.allocate(ids.shape[0], max_len)

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from evaluate.attention import NAME, use_gqa_decode_attention
-from evaluate.engine import Engine, random_tokens
+from compress.evaluate.attention import NAME, use_gqa_decode_attention
+from compress.evaluate.engine import Engine, random_tokens
 
 
 def _lively():
@@ -54,7 +54,7 @@ def test_models_not_on_sdpa_are_left_alone():
 
 def test_a_decode_step_reads_the_cached_heads_as_stored(monkeypatch):
     """The SDPA call sees kv_heads, not heads, and the group's queries as rows: no repeat_kv."""
-    import evaluate.attention as attention
+    import compress.evaluate.attention as attention
 
     model = _lively()
     use_gqa_decode_attention(model)

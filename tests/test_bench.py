@@ -5,8 +5,8 @@ import json
 import torch
 
 from compress.cli import main
+from compress.evaluate.memory import weight_bytes
 from compress.quant.rtn import RTNConfig, rtn
-from evaluate.memory import weight_bytes
 
 
 def _unique_parameter_bytes(model):
@@ -100,8 +100,8 @@ def test_bench_on_cpu_writes_every_figure(tmp_path):
 
 
 def test_kernel_choices_reach_the_layers_and_bad_ones_are_refused(tiny_model, capsys):
+    from compress.evaluate.bench import choose_kernels
     from compress.formats.base import QuantizedLinear
-    from evaluate.bench import choose_kernels
 
     model = rtn(tiny_model, RTNConfig(bits=4, group_size=32))
     assert choose_kernels(model, (("int8", "auto"),)) == 0   # no int8 layers: untouched
@@ -114,7 +114,7 @@ def test_kernel_choices_reach_the_layers_and_bad_ones_are_refused(tiny_model, ca
 def test_prefill_and_decode_rows_name_the_kernels_their_own_shapes_ran(tiny_model):
     """bf16 int4 on the CPU: torch's int4 kernel for decode rows, dequantize + matmul for a
     prefill of more than 64 rows; each row reads labels its own forwards set."""
-    from evaluate.bench import BenchConfig, bench_engine, measure_ceilings
+    from compress.evaluate.bench import BenchConfig, bench_engine, measure_ceilings
 
     model = rtn(tiny_model, RTNConfig(bits=4, group_size=32, symmetric=True)).to(torch.bfloat16)
     for compile_prefill in (True, False):  # the second starts after the first one's decode
@@ -140,8 +140,8 @@ def test_bench_profile_names_the_operations_of_each_phase(tiny_bench):
 
 
 def test_a_failing_profile_keeps_the_figures(tiny_model, monkeypatch):
-    from evaluate import bench
-    from evaluate.bench import BenchConfig, bench_engine, measure_ceilings
+    from compress.evaluate import bench
+    from compress.evaluate.bench import BenchConfig, bench_engine, measure_ceilings
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\ndetails")
@@ -157,7 +157,7 @@ def test_a_failing_profile_keeps_the_figures(tiny_model, monkeypatch):
 def test_gpu_profiles_count_kernels_not_the_operators_that_launched_them():
     from types import SimpleNamespace
 
-    from evaluate.profile import top_operations
+    from compress.evaluate.profile import top_operations
 
     def event(key, device, us, count=1):
         return SimpleNamespace(key=key, device_type=f"DeviceType.{device}", count=count,

@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from evaluate.divergence import Reference, evaluate_windows
-from evaluate.perplexity import perplexity
+from compress.evaluate.divergence import Reference, evaluate_windows
+from compress.evaluate.perplexity import perplexity
 
 
 def _windows(count=3, seq_len=48):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from compress.errors import UserError
+from compress.evaluate.engine import Engine, Sampling, random_tokens, select_tokens
 from compress.sources import load_random
-from evaluate.engine import Engine, Sampling, random_tokens, select_tokens
 
 
 @pytest.fixture(scope="module")

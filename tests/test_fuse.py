@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
+from compress.evaluate.bench import linear_kernels, prefill_flops
+from compress.evaluate.engine import Engine, random_tokens
+from compress.evaluate.fuse import FusedProjection, ProjectionSlice, fuse_projections
+from compress.evaluate.memory import parameter_count, weight_bytes
 from compress.formats.w8a8 import W8A8Linear
 from compress.recipe import apply_recipe, recipe_from_dict
-from evaluate.bench import linear_kernels, prefill_flops
-from evaluate.engine import Engine, random_tokens
-from evaluate.fuse import FusedProjection, ProjectionSlice, fuse_projections
-from evaluate.memory import parameter_count, weight_bytes
 
 
 @pytest.fixture(scope="module")

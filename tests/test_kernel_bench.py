@@ -2,7 +2,7 @@
 unit of the speed-ups, and each format's kernel choice as compress/formats makes it."""
 import json
 
-from evaluate.kernel_bench import linear_shapes, main
+from compress.evaluate.kernel_bench import linear_shapes, main
 
 
 def test_linear_shapes_follow_the_config():
@@ -35,7 +35,7 @@ def test_kernel_bench_writes_every_shape_and_kernel(tmp_path):
 def test_a_run_cut_short_keeps_the_records_already_measured(tmp_path, monkeypatch):
     import pytest
 
-    from evaluate import kernel_bench
+    from compress.evaluate import kernel_bench
 
     def one_then_killed(name, out_features, in_features, *args):
         yield {"linear": name, "out": out_features, "in": in_features, "rows": 1,

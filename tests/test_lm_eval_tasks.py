@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from compress.errors import UserError
-from evaluate.lm_eval_tasks import TaskRunner, TaskSettings, pydoc_mc_items, task_scores
+from compress.evaluate.lm_eval_tasks import TaskRunner, TaskSettings, pydoc_mc_items, task_scores
 
 # A random model knows nothing, so the tests check the mechanics (counts, ranges, provenance) and
 # one exact property: when every choice is the same string the log-likelihoods tie and lm-eval
@@ -97,8 +97,8 @@ def test_pydoc_mc_text_is_outside_evaluation_and_calibration():
     from pydoc_data.topics import topics
     from transformers import AutoTokenizer
 
+    from compress.evaluate.lm_eval_tasks import PYDOC_MC_SPAN
     from compress.sources import smollm2_path
-    from evaluate.lm_eval_tasks import PYDOC_MC_SPAN
 
     text = "\n\n".join(topics[k] for k in sorted(topics))
     folder, name = os.path.split(smollm2_path())

@@ -5,11 +5,11 @@ import torch
 
 from compress.checkpoint import save_checkpoint
 from compress.errors import UserError
+from compress.evaluate.memory import weight_bytes
 from compress.formats.int4 import Int4Linear
 from compress.formats.int8 import Int8Linear
 from compress.recipe import apply_recipe, recipe_from_dict
 from compress.sources import load_model
-from evaluate.memory import weight_bytes
 
 
 def _lm_head(model, **fields):

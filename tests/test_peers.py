@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._inductor import config as inductor_config
 
-from evaluate import peers
+from compress.evaluate import peers
 
 
 def test_peers_on_cpu_measure_hf_and_skip_the_cuda_only_ones(tiny_bench):

@@ -61,8 +61,8 @@ def test_where_faster_keeps_dense_sparse_or_both_per_shape_as_measured(tiny_mode
     """On the CPU, with a stand-in for the sparse tensor (a copy marked as sparse) and a timer that
     makes sparse win: nowhere for q_proj's shape, from 256 rows for the MLP's, everywhere for
     k_proj's. Outputs are unchanged; storage follows the choice."""
-    from evaluate.bench import unread_bytes
-    from evaluate.memory import weight_bytes
+    from compress.evaluate.bench import unread_bytes
+    from compress.evaluate.memory import weight_bytes
 
     model = _pruned_model(tiny_model, tokens)
     ids = torch.randint(1, 256, (1, 300))
@@ -124,9 +124,9 @@ def test_only_models_whose_every_linear_is_2of4_count_as_2of4(tiny_model, tokens
 @pytest.mark.gpu
 def test_bench_times_a_2of4_model_with_semi_structured_kernels(tokens):
     from compress.calibration import CalibrationData
+    from compress.evaluate.bench import BenchConfig, bench_engine, measure_ceilings
     from compress.passes import build_config, pass_table
     from compress.sources import load_random
-    from evaluate.bench import BenchConfig, bench_engine, measure_ceilings
 
     spec = pass_table()["magnitude"]
     model = spec.apply(load_random("smollm2-135m", torch.bfloat16, device="cuda").model,

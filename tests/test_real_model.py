@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from compress.data import eval_windows, load_corpus
+from compress.evaluate.memory import parameter_count, weight_bytes
+from compress.evaluate.perplexity import perplexity
 from compress.quant.rtn import RTNConfig, rtn
 from compress.sources import load_model
-from evaluate.memory import parameter_count, weight_bytes
-from evaluate.perplexity import perplexity
 
 pytestmark = pytest.mark.real_model
 

@@ -9,9 +9,9 @@ from compress.checkpoint import atomic_output_dir, check_output
 from compress.commands import add_model_options, resolve_dtype
 from compress.commands.report import write_text
 from compress.errors import UserError
+from compress.evaluate.bench import PEERS, BenchConfig
+from compress.evaluate.results import write_json
 from compress.recipe import BenchSettings
-from evaluate.bench import PEERS, BenchConfig
-from evaluate.results import write_json
 
 
 def add_parser(subparsers) -> None:
@@ -135,7 +135,7 @@ def parse_peers(text: str) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from evaluate.bench_run import markdown, print_table, run_bench
+    from compress.evaluate.bench_run import markdown, print_table, run_bench
 
     dtype = resolve_dtype(args)
     settings = BenchSettings(batches=args.batch, prompt=args.prompt, new=args.new,

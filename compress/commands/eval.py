@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from compress.commands import add_eval_options, add_model_options, resolve_dtype
 from compress.commands.quantize import print_summary
+from compress.evaluate.results import write_json
 from compress.pipeline import Session, evaluate
 from compress.recipe import EvaluationSettings
-from evaluate.results import write_json
 
 
 def add_parser(subparsers) -> None:

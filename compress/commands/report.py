@@ -7,10 +7,10 @@ import os
 
 from compress.checkpoint import atomic_output_dir, check_output
 from compress.errors import UserError
+from compress.evaluate.results import read_json
 from compress.reports import html_report, markdown_report, write_report_files
 from compress.reports.gate import Thresholds, check, parse_percent
 from compress.reports.speed_source import attach_speed
-from evaluate.results import read_json
 
 
 def add_parser(subparsers) -> None:

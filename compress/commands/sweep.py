@@ -13,13 +13,13 @@ from compress.commands import add_eval_options, add_model_options, apply_eval_op
 from compress.commands.bench import (add_runtime_switches, build_bench_config, runtime_switches,
                                      switch_flags)
 from compress.errors import UserError
+from compress.evaluate.bench import sync_and_free
+from compress.evaluate.divergence import Reference
+from compress.evaluate.lm_eval_tasks import BUNDLED, TaskRunner, TaskSettings, parse_task_names
+from compress.evaluate.results import environment, write_json
 from compress.pipeline import Session, compress_model, evaluate, evaluation_windows
 from compress.recipe import BenchSettings, load_recipe
 from compress.reports import markdown_report, write_report_files
-from evaluate.bench import sync_and_free
-from evaluate.divergence import Reference
-from evaluate.lm_eval_tasks import BUNDLED, TaskRunner, TaskSettings, parse_task_names
-from evaluate.results import environment, write_json
 
 
 def add_parser(subparsers) -> None:
@@ -104,7 +104,7 @@ class Measure:
         self.source = source_state()
         self.ceilings = None
         if bench is not None:
-            from evaluate.bench import measure_ceilings
+            from compress.evaluate.bench import measure_ceilings
 
             # Once per sweep: every row's roofline is against the same measured bandwidth.
             self.ceilings = measure_ceilings(bench, session.device, resolve_dtype(args))
@@ -116,7 +116,7 @@ class Measure:
             result["metrics"]["tasks"] = self.tasks.run(model, self.session.loaded.tokenizer)
             result["protocol"]["tasks"] = self.tasks.protocol()
         if self.bench is not None:
-            from evaluate.bench import bench_engine
+            from compress.evaluate.bench import bench_engine
 
             # Last: the engine prepares quantized layers' fast layouts on the model it times.
             row = bench_engine(model, self.bench, self.session.device, name, self.ceilings)

@@ -15,11 +15,11 @@ from torch import nn
 from compress.adapters import adapter_for, set_submodule
 from compress.calibration import collect_linear_inputs, run_layerwise
 from compress.errors import UserError
+from compress.evaluate.memory import parameter_count
 from compress.passes import register_pass
 from compress.prune import shrink
 from compress.prune.common import attach_report, float_linears
 from compress.prune.sparsegpt import accumulate_hessian
-from evaluate.memory import parameter_count
 
 CRITERIA = ("activation", "magnitude")
 SCOPES = ("layer", "global")

@@ -1,1 +1,0 @@
-"""The evaluation harness: perplexity, memory, results JSON (speed in later modules)."""
