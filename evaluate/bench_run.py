@@ -13,35 +13,49 @@ from compress.reports.content import runtime_options
 
 
 def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,
-              progress=print) -> dict:
+              progress=print, on_row=None) -> dict:
+    """The bench document; `on_row(partial_doc)` after every measured row, so that a run stopped
+    by a time limit still leaves what it measured (rows in measured order, marked incomplete)."""
     from compress.sources import load_model
 
     loaded = load_model(source, dtype=dtype, device=device)
     model = loaded.model
     progress(f"measuring ceilings on {device}")
     ceil = measure_ceilings(cfg, device, dtype)
+    env = environment()
+    if torch.device(device).type != "cuda":
+        env["measured_on"] = "cpu: no GPU figure in this file"
+    engine_rows, hf_rows, other_rows = [], [], []
+
+    def document(complete: bool) -> dict:
+        doc = {"kind": "bench", "model": {"source": source, "provenance": loaded.provenance,
+                                          "dtype": str(dtype).removeprefix("torch.")},
+               "protocol": cfg.protocol(device), "ceilings": ceil,
+               "rows": engine_rows + hf_rows + other_rows, "environment": env}
+        if not complete:
+            doc["incomplete"] = "written after each row: the rows measured so far"
+        return doc
+
+    def measured(rows: list, row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(document(complete=False))
+
     # The hf peers time our model object as loaded: before our engine, whose runtime transforms
     # (semi-structured 2:4 weights, fused projections) change it in place.
-    hf_rows = []
     for peer in [p for p in cfg.peers if p in ("hf", "hf-eager")]:
         progress(f"peer {peer}")
-        hf_rows.append(run_peer(peer, model, source, cfg, device, ceil))
+        measured(hf_rows, run_peer(peer, model, source, cfg, device, ceil))
         sync_and_free(device)
     progress(f"benchmarking {source} with the compress engine")
-    rows = [bench_engine(model, cfg, device, "compress", ceil), *hf_rows]
+    measured(engine_rows, bench_engine(model, cfg, device, "compress", ceil))
     # The quantized peers load their own copies: free ours first (an 8B bf16 model is 16 GB).
     model = loaded.model = None
     sync_and_free(device)
     for peer in [p for p in cfg.peers if p not in ("hf", "hf-eager")]:
         progress(f"peer {peer}")
-        rows.append(run_peer(peer, model, source, cfg, device, ceil))
-    env = environment()
-    if torch.device(device).type != "cuda":
-        env["measured_on"] = "cpu: no GPU figure in this file"
-    return {"kind": "bench", "model": {"source": source, "provenance": loaded.provenance,
-                                       "dtype": str(dtype).removeprefix("torch.")},
-            "protocol": cfg.protocol(device), "ceilings": ceil, "rows": rows,
-            "environment": env}
+        measured(other_rows, run_peer(peer, model, source, cfg, device, ceil))
+    return document(complete=True)
 
 
 def _fmt(value, digits=2, scale=1.0) -> str:
@@ -62,6 +76,9 @@ def markdown(doc: dict) -> str:
              f"{ceil['copy']['bytes_per_s'] / 1e9:,.1f} GB/s (read + write), "
              f"{ceil['matmul']['dtype']} {ceil['matmul']['n']}^3 matmul "
              f"{ceil['matmul']['flop_per_s'] / 1e12:,.2f} TFLOP/s", ""]
+    if doc.get("incomplete"):
+        lines[-1:] = ["- Incomplete: the run stopped before its last row; these are the rows it "
+                      "had measured.", ""]
     lines += ["## Decode", "", "| runner | batch | ms/token | tokens/s | roofline ms | % roofline "
               "| KV cache MB | peak MB | compile s |", "|---|---|---|---|---|---|---|---|---|"]
     for row in doc["rows"]:

@@ -1,6 +1,8 @@
 """Memory accounting and `compress bench` on the CPU: the figures it reports are the true byte
 counts, and the command writes every field the GPU run will fill."""
 import json
+import subprocess
+import sys
 
 import torch
 
@@ -97,6 +99,35 @@ def test_bench_on_cpu_writes_every_figure(tmp_path):
     assert prefill["kv_cache_bytes"] == per_token * (16 + 1)
     assert row["kernels"]["mlp.down_proj"] == "Linear: torch.nn.functional.linear"
     assert prefill["kernels"] == one["kernels"] == row["kernels"]   # float: one kernel everywhere
+
+
+def test_a_bench_killed_mid_run_leaves_its_measured_rows_and_no_output(tmp_path):
+    """A device call's time limit kills the process (SIGKILL / SIGTERM, no clean-up): the rows
+    measured before it stay in the hidden temporary folder, marked incomplete; OUT is not made."""
+    out = tmp_path / "bench"
+    # The hf peer is measured first; the process dies as our engine's row starts.
+    script = ("import os, sys\n"
+              "import compress.evaluate.bench_run as run\n"
+              "run.bench_engine = lambda *a, **k: os._exit(137)\n"
+              "from compress.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", script, "bench", "random:tiny", "--batch", "1",
+                           "--prompt", "8", "--new", "2", "--prefill", "1x16", "--warmup", "0",
+                           "--repeats", "1", "--peers", "hf", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 137, done.stderr[-2000:]
+    assert not out.exists()
+    (partial,) = tmp_path.glob(".bench.tmp-*")
+    doc = json.loads((partial / "bench.json").read_text())
+    assert doc["incomplete"] and [row["name"] for row in doc["rows"]] == ["hf"]
+    assert doc["rows"][0]["decode"][0]["ms_per_token"] > 0
+    assert "Incomplete" in (partial / "bench.md").read_text()
+
+
+def test_a_finished_bench_is_complete_with_our_engine_first(tiny_bench):
+    doc, text = tiny_bench("--peers", "hf")
+    assert "incomplete" not in doc and "Incomplete" not in text
+    assert [row["name"] for row in doc["rows"]] == ["compress", "hf"]
 
 
 def test_kernel_choices_reach_the_layers_and_bad_ones_are_refused(tiny_model, capsys):

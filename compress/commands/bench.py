@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from compress.checkpoint import atomic_output_dir, check_output
+from compress.checkpoint import atomic_output_dir
 from compress.commands import add_model_options, resolve_dtype
 from compress.commands.report import write_text
 from compress.errors import UserError
@@ -144,13 +144,22 @@ def run(args) -> int:
     flags = {"batches": "--batch", "kernel": "--kernel", "compile": "--compile", **switch_flags()}
     cfg = build_bench_config(settings, flags.get,
                              peers=parse_peers(args.peers))
-    if args.out:
-        check_output(args.out, args.overwrite)  # fail before minutes of measuring
-    doc = run_bench(args.model, cfg, args.device, dtype, progress=lambda m: print(m, flush=True))
-    print_table(doc)
-    if args.out:
-        with atomic_output_dir(args.out, args.overwrite) as tmp:
+    def progress(message):
+        print(message, flush=True)
+
+    if not args.out:
+        print_table(run_bench(args.model, cfg, args.device, dtype, progress=progress))
+        return 0
+
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        def write(doc):
             write_json(doc, os.path.join(tmp, "bench.json"))
             write_text(os.path.join(tmp, "bench.md"), markdown(doc))
-        print(f"wrote {args.out}/bench.json and bench.md")
+
+        # Each row lands in the hidden temporary folder as it is measured: a run killed by a
+        # time limit leaves them there (marked incomplete); only a finished run replaces OUT.
+        doc = run_bench(args.model, cfg, args.device, dtype, progress=progress, on_row=write)
+        write(doc)
+    print_table(doc)
+    print(f"wrote {args.out}/bench.json and bench.md")
     return 0
