@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from compress.evaluate.bench import BenchConfig, bench_engine, measure_ceilings, sync_and_free
+from compress.evaluate.bench import (HF_PEERS, BenchConfig, bench_engine, measure_ceilings,
+                                     sync_and_free)
 from compress.evaluate.peers import run_peer
 from compress.evaluate.profile import markdown as profile_markdown
 from compress.evaluate.results import environment
@@ -43,7 +44,7 @@ def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,
 
     # The hf peers time our model object as loaded: before our engine, whose runtime transforms
     # (semi-structured 2:4 weights, fused projections) change it in place.
-    for peer in [p for p in cfg.peers if p in ("hf", "hf-eager")]:
+    for peer in [p for p in cfg.peers if p in HF_PEERS]:
         progress(f"peer {peer}")
         measured(hf_rows, run_peer(peer, model, source, cfg, device, ceil))
         sync_and_free(device)
@@ -52,7 +53,7 @@ def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,
     # The quantized peers load their own copies: free ours first (an 8B bf16 model is 16 GB).
     model = loaded.model = None
     sync_and_free(device)
-    for peer in [p for p in cfg.peers if p not in ("hf", "hf-eager")]:
+    for peer in [p for p in cfg.peers if p not in HF_PEERS]:
         progress(f"peer {peer}")
         measured(other_rows, run_peer(peer, model, source, cfg, device, ceil))
     return document(complete=True)

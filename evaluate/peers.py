@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from compress.adapters import adapter_for
-from compress.evaluate.bench import BenchConfig, bench_engine, linear_kernels, sync_and_free
+from compress.evaluate.bench import (HF_PEERS, BenchConfig, bench_engine, linear_kernels,
+                                     sync_and_free)
 from compress.evaluate.engine import random_tokens
 from compress.evaluate.memory import weight_bytes
 from compress.evaluate.timing import PeakMemory, is_cuda, time_it
@@ -36,7 +37,7 @@ def run_peer(name: str, model, source: str, cfg: BenchConfig, device, ceil: dict
         reason = _unavailable(name, device, source)
         if reason:
             return skipped(name, reason)
-        if name in ("hf", "hf-eager"):
+        if name in HF_PEERS:
             return bench_hf_generate(model, cfg, device, ceil, compile_auto=name == "hf")
         with restored_global_settings():
             peer_model = _load_bnb(name, source) if name.startswith("bnb") else \

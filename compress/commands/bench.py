@@ -64,9 +64,8 @@ RUNTIME_SWITCHES = {
 
 
 def add_runtime_switches(parser, prefix: str = "") -> None:
-    for field, help_text in RUNTIME_SWITCHES.items():
-        parser.add_argument(f"--{prefix}{field.replace('_', '-')}", action="store_true",
-                            help=help_text)
+    for field, flag in switch_flags(prefix).items():
+        parser.add_argument(flag, action="store_true", help=RUNTIME_SWITCHES[field])
 
 
 def runtime_switches(args, prefix: str = "") -> dict:

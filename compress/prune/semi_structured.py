@@ -137,27 +137,29 @@ def materialize_2of4_where_faster(model: nn.Module, rows: list[int],
     seconds per product); every linear of that shape then runs sparse at all rows (a plain
     sparse weight: smaller), from some row count on (`SemiStructuredLinear`: both weights), or
     never (left dense). Returns the measurements and the choice per shape and per linear."""
-    linears = _checked_2of4_linears(model)
+    linears = [(name, linear, f"{linear.out_features}x{linear.in_features}")
+               for name, linear in _checked_2of4_linears(model)]
     shapes: dict[str, dict] = {}
-    for name, linear in linears:
-        shape = f"{linear.out_features}x{linear.in_features}"
+    timed: dict[str, torch.Tensor] = {}  # the sparse weight each timed linear will keep
+    for name, linear, shape in linears:
         if shape not in shapes:
-            sparse = convert(linear.weight, name)
+            sparse = timed[name] = convert(linear.weight, name)
             times = {r: (timer(linear.weight, r), _time_or_inf(timer, sparse, r))
                      for r in sorted(set(rows))}
             shapes[shape] = {"sparse_from_rows": sparse_wins_from(times),
                              "us": {r: {"dense": d * 1e6, "sparse": s * 1e6}
                                     for r, (d, s) in times.items()}}
     choices = {}
-    for name, linear in linears:
-        start = shapes[f"{linear.out_features}x{linear.in_features}"]["sparse_from_rows"]
+    for name, linear, shape in linears:
+        start = shapes[shape]["sparse_from_rows"]
         if start is None:
             choices[name] = "dense"
-        elif start == min(rows):
-            linear.weight = nn.Parameter(convert(linear.weight, name), requires_grad=False)
+            continue
+        sparse = timed[name] if name in timed else convert(linear.weight, name)
+        if start == min(rows):
+            linear.weight = nn.Parameter(sparse, requires_grad=False)
             choices[name] = "sparse"
         else:
-            set_submodule(model, name, SemiStructuredLinear(linear, convert(linear.weight, name),
-                                                            start))
+            set_submodule(model, name, SemiStructuredLinear(linear, sparse, start))
             choices[name] = f"sparse from {start} rows"
     return {"shapes": shapes, "linears": choices}
