@@ -40,6 +40,19 @@ def test_int8_kernel_agrees_with_reference(out_features, in_features, rows):
     torch.testing.assert_close(fast.float(), q.reference_forward(x).float(), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_float32_decode_row_kernels_agree_with_reference(bits, group_size, symmetric):
+    """One float32 row (decode at batch 1) runs torch's CPU kernel where the format has one; it
+    accumulates in float32 like the reference, so they agree to float32 rounding."""
+    q = quantized_linear(_linear(96, 256), bits, group_size, symmetric)
+    x = torch.randn(1, 1, 256)
+    fast = q(x)
+    has_kernel = bits == 4 or symmetric   # the int8 kernel takes symmetric per-channel weights
+    assert (q.kernel != "reference") == has_kernel
+    torch.testing.assert_close(fast, q.reference_forward(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("out_features,in_features,group_size", [
     (96, 128, 32), (48, 576, 64), (1536, 576, 64), (32, 256, 128), (64, 512, 256), (40, 128, 32)])
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -60,10 +73,13 @@ def test_int4_kernel_agrees_with_reference(out_features, in_features, group_size
 
 @pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 64)])
 def test_cpu_kernels_are_used_only_where_they_win(bits, group_size):
-    """float32 activations and long prefills take the reference (measured 30-60x faster)."""
+    """float32 activations beyond one row and long prefills take the reference (measured faster
+    there; compress/formats/base.py CPU_KERNEL_MAX_ROWS)."""
     q = quantized_linear(_linear(96, 128), bits, group_size, True)
     q(torch.randn(3, 128))
     assert q.kernel == "reference"
+    q(torch.randn(1, 1, 128))
+    assert q.kernel != "reference"
     q = q.to(torch.bfloat16)
     q(torch.randn(3, 128).to(torch.bfloat16))
     assert q.kernel != "reference"

@@ -10,11 +10,14 @@ from torch import nn
 # Kernel names only: the module imports Triton itself lazily, at a kernel's first use.
 from compress.formats.triton_kernels import TRITON_GEMM, TRITON_GEMV
 
-# On the CPU, torch's int8 / int4 weight-only kernels beat dequantize + matmul only for
-# half-precision activations and few rows (decode); with float32 activations they are 30-60x
-# slower at 1024 rows, and slower at 1 row too (torch 2.13, SmolLM2 shapes, 2-core machine).
-CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-CPU_KERNEL_MAX_ROWS = 64
+# On the CPU, the most rows (tokens) for which torch's int8 / int4 weight-only kernels beat
+# dequantize + matmul, per activation dtype (torch 2.13, SmolLM2 shapes, 2-core machine). Half
+# precision: decode rows. float32: one row only. At 8 rows they lose or tie and at 1024 they are
+# 30-60x slower, but at 1 row dequantizing the whole weight for one token costs more: float32
+# decode at batch 1 of random:smollm2-135m, median ms/token of 31 steps in three interleaved
+# rounds, reference then kernel: int4 g64 208-263 -> 142-159, int8 83-137 -> 85-100 (float32
+# weights 78-85).
+CPU_KERNEL_MAX_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 1}
 # Above this many rows (tokens) CUDA's int4 tinygemm loses to dequantize + cuBLAS: issue 5
 # measured its prefill many times slower than bf16.
 CUDA_KERNEL_MAX_ROWS = 64
@@ -30,7 +33,7 @@ FUSED_GEMV = "inductor fused dequantize-GEMV (compiled)"
 
 def cpu_kernel_wins(x: torch.Tensor) -> bool:
     """Whether a CPU weight-only kernel is worth running on activations `x`."""
-    return x.dtype in CPU_KERNEL_DTYPES and x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS
+    return x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS.get(x.dtype, 0)
 
 
 def fused_on_cuda(fn):

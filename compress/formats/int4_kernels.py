@@ -10,7 +10,7 @@ common_quantization.py of torch 2.13):
   nibble (ours keeps it in the low one), N % 8 == 0, K % (16 * inner_k_tiles) == 0; bf16
   activations on sm80+.
 - CPU: `_convert_weight_to_int4pack_for_cpu(int32 [N, K] codes, 1)` with N % 16 == 0; used
-  only for half-precision activations and few rows, where it beats dequantize + matmul.
+  only for the few rows where it beats dequantize + matmul (`CPU_KERNEL_MAX_ROWS`).
 - Both: group size 32, 64, 128 or 256; scales_and_zeros [groups, N, 2] in the activation dtype.
 Anything else returns None and the layer keeps its reference forward.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.formats.base import CPU_KERNEL_DTYPES, CPU_KERNEL_MAX_ROWS, CUDA_KERNEL_MAX_ROWS
+from compress.formats.base import CPU_KERNEL_MAX_ROWS, CUDA_KERNEL_MAX_ROWS
 
 GROUPS = (32, 64, 128, 256)
 
@@ -74,8 +74,8 @@ def unsupported(out_features: int, in_features: int, group_size: int, dtype: tor
     if device.type == "cpu":
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             return "this torch has no _weight_int4pack_mm_for_cpu"
-        if dtype not in CPU_KERNEL_DTYPES:
-            return f"the CPU kernel loses to dequantize + matmul for {dtype} activations"
+        if dtype not in CPU_KERNEL_MAX_ROWS:
+            return f"no CPU kernel for {dtype} activations"
         if out_features % 16:
             return f"output width {out_features} not a multiple of 16"
         return None
@@ -100,7 +100,7 @@ def build(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group_size: 
         kernel, max_rows = "torch._weight_int4pack_mm", CUDA_KERNEL_MAX_ROWS
     else:
         packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        kernel, max_rows = "torch._weight_int4pack_mm_for_cpu", CPU_KERNEL_MAX_ROWS
+        kernel, max_rows = "torch._weight_int4pack_mm_for_cpu", CPU_KERNEL_MAX_ROWS[dtype]
     return Int4Fast(kernel, packed, scales_and_zeros, group_size, out_features, dtype, device,
                     max_rows)
 
