@@ -15,10 +15,12 @@ from compress.errors import UserError
 from compress.evaluate.attention import use_gqa_decode_attention
 from compress.evaluate.engine import Engine, random_tokens
 from compress.evaluate.fuse import fuse_projections
-from compress.evaluate.memory import parameter_count, stored_tensors, weight_bytes
+from compress.evaluate.memory import (model_peak, other_resident_bytes, parameter_count,
+                                      stored_tensors, weight_bytes)
 from compress.evaluate.profile import profile_phases
 from compress.evaluate.timing import (PeakMemory, calls_per_sample, ceilings, is_cuda,
                                       seconds_per_call, synchronize, time_it)
+from compress.formats.base import drop_kernel_layouts
 from compress.prune.semi_structured import is_2of4_model, materialize_2of4_where_faster
 
 # The hf peers time our model object as loaded; the others load quantized copies of their own.
@@ -95,7 +97,13 @@ def measure_ceilings(cfg: BenchConfig, device, dtype: torch.dtype) -> dict:
 
 def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
     """One row: our engine on `model` (already on `device`, eval mode). Fused projections and
-    the decode attention are undone afterwards; a 2:4 model keeps its semi-structured weights."""
+    the decode attention are undone afterwards; a 2:4 model keeps its semi-structured weights.
+    Peaks are also given as the model's own (`model_peak_bytes`): less what was resident before
+    the row and is not this model's weights, such as a sweep's source model."""
+    for module in model.modules():  # built by earlier forwards (a sweep's perplexity): the
+        drop_kernel_layouts(module)  # engine rebuilds them, inside this row's own memory
+    sync_and_free(device)
+    resident = other_resident_bytes(model, device)
     semi = None
     if cfg.semi_structured and is_cuda(device) and is_2of4_model(model):
         rows = sorted({*cfg.batches, *(batch * length for batch, length in cfg.prefill)})
@@ -103,7 +111,7 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
     fused = fuse_projections(model) if cfg.fuse_projections else None
     attention = use_gqa_decode_attention(model) if cfg.gqa_decode else None
     try:
-        row = _bench_engine(model, cfg, device, name, ceil)
+        row = _bench_engine(model, cfg, device, name, ceil, resident)
     finally:
         for transform in (attention, fused):
             if transform is not None:
@@ -116,7 +124,8 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
     return row
 
 
-def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
+def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: dict,
+                  resident: int | None) -> dict:
     chosen = choose_kernels(model, cfg.kernel_choices)
     engine = Engine(model)
     vocab = model.config.vocab_size
@@ -124,6 +133,7 @@ def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: d
     row = {"name": name, "runner": "compress engine (static cache, own token loop)",
            "compiled": cfg.compile, "parameters": parameter_count(model),
            "weight_bytes": weights, "kernel_choice_layers": chosen,
+           "other_resident_bytes": resident,
            "prefill": [], "decode": []}
     matmul = ceil["matmul"]["flop_per_s"]
     for batch, length in cfg.prefill:
@@ -143,12 +153,14 @@ def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: d
             "tokens_per_s": batch * length / seconds, "flop_per_s": flops / seconds,
             "pct_of_matmul": 100 * flops / seconds / matmul,
             "kv_cache_bytes": engine.kv_cache_bytes(), "peak_allocated_bytes": peak.peak,
+            "model_peak_bytes": model_peak(peak.peak, resident),
             "compile_s": compile_s, "kernels": kernels or linear_kernels(model),
             "timing": timing})
     engine.compile_prefill(False)  # the decode rows' prompts are not timed: no more compiles
     engine.allocate(1, 2)  # drop the prefill caches before the decode ones
     for batch in cfg.batches:
-        row["decode"].append(_bench_decode(engine, cfg, batch, vocab, device, weights, ceil))
+        row["decode"].append(_bench_decode(engine, cfg, batch, vocab, device, weights, ceil,
+                                           resident))
     # The headline kernels: the first decode batch's (prefill rows carry their own).
     row["kernels"] = row["decode"][0]["kernels"] if row["decode"] else linear_kernels(model)
     if cfg.profile:
@@ -185,7 +197,7 @@ def choose_kernels(model: nn.Module, choices: tuple[tuple[str, str], ...]) -> in
 
 
 def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, device,
-                  weights: dict, ceil: dict) -> dict:
+                  weights: dict, ceil: dict, resident: int | None) -> dict:
     # One more slot than prompt + new: the timed loop runs `new` forward steps after the token
     # chosen from the prefill logits.
     engine.allocate(batch, cfg.prompt + cfg.new + 1)
@@ -216,6 +228,7 @@ def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, devi
             "bytes_per_step": step_bytes, "achieved_bytes_per_s": step_bytes / (seconds / cfg.new),
             "roofline_ms_per_token": roofline_ms, "pct_of_roofline": 100 * roofline_ms / ms_per_token,
             "kv_cache_bytes": engine.kv_cache_bytes(), "peak_allocated_bytes": peak.peak,
+            "model_peak_bytes": model_peak(peak.peak, resident),
             "compile_s": compile_s, "kernels": kernels, "timing": timing}
 
 

@@ -91,7 +91,7 @@ def markdown(doc: dict) -> str:
                          f"{_fmt(d['tokens_per_s'], 1)} | {_fmt(d.get('roofline_ms_per_token'), 3)}"
                          f" | {_fmt(d.get('pct_of_roofline'), 1)} | "
                          f"{_fmt(d.get('kv_cache_bytes'), 1, 1e-6)} | "
-                         f"{_fmt(d.get('peak_allocated_bytes'), 0, 1e-6)} | "
+                         f"{_fmt(own_peak(d), 0, 1e-6)} | "
                          f"{_fmt(d.get('compile_s'), 1)} |")
     lines += ["", "## Prefill", "", "| runner | batch x tokens | TTFT ms | tokens/s | % of matmul "
               "| peak MB | compile s |", "|---|---|---|---|---|---|---|"]
@@ -100,7 +100,7 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {row['name']} | {p['batch']} x {p['tokens']} | "
                          f"{_fmt(p['ttft_ms'], 2)} | {_fmt(p['tokens_per_s'], 0)} | "
                          f"{_fmt(p.get('pct_of_matmul'), 1)} | "
-                         f"{_fmt(p.get('peak_allocated_bytes'), 0, 1e-6)} | "
+                         f"{_fmt(own_peak(p), 0, 1e-6)} | "
                          f"{_fmt(p.get('compile_s'), 1)} |")
     lines += ["", "## Memory and kernels", "", "| runner | weights MB | embedding MB | linear MB "
               "| lm_head MB | kernels |", "|---|---|---|---|---|---|"]
@@ -124,9 +124,17 @@ def markdown(doc: dict) -> str:
             lines += ["", f"### {row['name']}"] + profile_markdown(row["profile"])
     lines += ["", "Decode roofline = bytes a step must read (weights, the embedding only when "
               "tied to the lm_head, K and V at the mean context) / the copy bandwidth above. "
+              "Peak MB: the most GPU memory allocated during the phase, less what other models "
+              "held (`model_peak_bytes`; the process-wide peak is `peak_allocated_bytes`). "
               "Peak memory is null on a CPU: there is no allocator figure comparable to CUDA's.",
               ""]
     return "\n".join(lines)
+
+
+def own_peak(phase: dict) -> int | None:
+    """The phase's peak of its own model; files from before that figure have the process's."""
+    own = phase.get("model_peak_bytes")
+    return phase.get("peak_allocated_bytes") if own is None else own
 
 
 def _compact(kernels: dict) -> dict:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from compress.adapters import adapter_for, set_submodule
-from compress.formats.base import QuantizedLinear
+from compress.formats.base import QuantizedLinear, drop_kernel_layouts
 
 FUSABLE_FORMATS = ("int8", "int4", "w8a8-int8", "fp8-e4m3")
 
@@ -134,9 +134,7 @@ def _share_storage(modules: list[nn.Module], fused: nn.Module) -> None:
         for name, tensor in fused.named_buffers(recurse=False):
             if tensor is not None:
                 module._buffers[name] = tensor[rows]
-        for cached in ("_fast", "_fast_key", "_triton"):
-            if cached in module.__dict__:
-                setattr(module, cached, None)
+        drop_kernel_layouts(module)
         start += module.out_features
 
 

@@ -61,6 +61,24 @@ def _named_tensors(model: nn.Module):
             yield name, buf
 
 
+def other_resident_bytes(model: nn.Module, device) -> int | None:
+    """Bytes allocated on `device` now that are not `model`'s weights (None off CUDA).
+
+    The peak a phase measures is process-wide: a sweep keeps its source model on the GPU while
+    it times each recipe, so an int4 8B row's peak held the bf16 source's 16 GB too. A row
+    records this before it builds anything and subtracts it from its peaks (`model_peak`).
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    return max(torch.cuda.memory_allocated(device) - weight_bytes(model)["total"], 0)
+
+
+def model_peak(peak: int | None, other_resident: int | None) -> int | None:
+    """A phase's peak less what other models held: the model's weights, its kernel layouts,
+    KV cache and activations."""
+    return None if peak is None or other_resident is None else peak - other_resident
+
+
 def parameter_count(model: nn.Module) -> int:
     """Logical parameters: float parameters plus the weights that quantized layers encode."""
     from compress.formats.base import QuantizedLinear

@@ -27,7 +27,7 @@ from compress.adapters import adapter_for
 from compress.evaluate.bench import (HF_PEERS, BenchConfig, bench_engine, linear_kernels,
                                      sync_and_free)
 from compress.evaluate.engine import random_tokens
-from compress.evaluate.memory import weight_bytes
+from compress.evaluate.memory import model_peak, other_resident_bytes, weight_bytes
 from compress.evaluate.timing import PeakMemory, is_cuda, time_it
 
 
@@ -100,10 +100,12 @@ def bench_hf_generate(model, cfg: BenchConfig, device, ceil: dict, compile_auto:
     from transformers import GenerationConfig
 
     compiled = compile_auto and is_cuda(device)
+    resident = other_resident_bytes(model, device)
     row = {"name": "hf" if compile_auto else "hf-eager",
            "runner": "transformers generate (static cache"
                      + (", auto-compiled forward)" if compiled else ", eager)"),
-           "compiled": compiled, "weight_bytes": weight_bytes(model), "prefill": [], "decode": []}
+           "compiled": compiled, "weight_bytes": weight_bytes(model),
+           "other_resident_bytes": resident, "prefill": [], "decode": []}
     vocab = model.config.vocab_size
 
     def generate(ids, new):
@@ -122,7 +124,9 @@ def bench_hf_generate(model, cfg: BenchConfig, device, ceil: dict, compile_auto:
         seconds = timing["median_s"]
         row["prefill"].append({"batch": batch, "tokens": length, "ttft_ms": seconds * 1e3,
                                "tokens_per_s": batch * length / seconds,
-                               "peak_allocated_bytes": peak.peak, "timing": timing})
+                               "peak_allocated_bytes": peak.peak,
+                               "model_peak_bytes": model_peak(peak.peak, resident),
+                               "timing": timing})
         sync_and_free(device)
     for batch in cfg.batches:
         ids = random_tokens(batch, cfg.prompt, vocab, device, cfg.seed + batch)
@@ -134,6 +138,7 @@ def bench_hf_generate(model, cfg: BenchConfig, device, ceil: dict, compile_auto:
                               "ms_per_token": seconds / cfg.new * 1e3,
                               "tokens_per_s": batch * cfg.new / seconds,
                               "end_to_end_s": full["median_s"], "peak_allocated_bytes": peak.peak,
+                              "model_peak_bytes": model_peak(peak.peak, resident),
                               "timing": {"generate_1": first, "generate_new_plus_1": full}})
         sync_and_free(device)
     row["kernels"] = linear_kernels(model)

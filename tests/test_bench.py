@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from compress.cli import main
@@ -200,3 +201,37 @@ def test_gpu_profiles_count_kernels_not_the_operators_that_launched_them():
     assert profile["total_ms"] == 0.4 and profile["calls"] == 6
     assert [r["op"] for r in profile["top"]] == ["sm90_gemm_kernel", "triton_poi_fused_mul"]
     assert profile["top"][0]["share_pct"] == 75.0
+
+
+def test_a_rows_peak_leaves_out_what_other_models_hold(tiny_model, monkeypatch):
+    """A sweep keeps its source model on the GPU while it times each recipe: a row's own peak is
+    the process-wide peak less what was resident before it and is not this model's weights."""
+    from compress.evaluate.bench_run import own_peak
+    from compress.evaluate.memory import model_peak, other_resident_bytes
+
+    weights = weight_bytes(tiny_model)["total"]
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: weights + 5000)
+    assert other_resident_bytes(tiny_model, "cuda") == 5000
+    assert other_resident_bytes(tiny_model, "cpu") is None
+    assert model_peak(12000, 5000) == 7000 and model_peak(None, 5000) is None
+    assert own_peak({"peak_allocated_bytes": 12000, "model_peak_bytes": 7000}) == 7000
+    assert own_peak({"peak_allocated_bytes": 12000}) == 12000   # files from before the field
+
+
+@pytest.mark.gpu
+def test_gpu_row_peaks_exclude_other_models_and_include_this_ones_kernel_layouts(tiny_model):
+    from compress.evaluate.bench import BenchConfig, bench_engine, measure_ceilings
+
+    model = rtn(tiny_model, RTNConfig(bits=4, group_size=32, symmetric=True))
+    model = model.to("cuda", torch.bfloat16).eval()
+    with torch.inference_mode():   # builds tinygemm layouts, as a sweep's perplexity run does
+        model(torch.randint(1, model.config.vocab_size, (1, 8), device="cuda"))
+    other = torch.ones(16 << 20, device="cuda")   # 64 MB another model would hold
+    cfg = BenchConfig(batches=(1,), prompt=8, new=2, prefill=((1, 16),), warmup=0, repeats=1)
+    row = bench_engine(model, cfg, "cuda", "int4", measure_ceilings(cfg, "cuda", torch.bfloat16))
+    # The layouts were dropped and rebuilt inside the row: they count as this model's.
+    assert abs(row["other_resident_bytes"] - other.nbytes) < 1 << 20
+    for phase in row["prefill"] + row["decode"]:
+        assert phase["model_peak_bytes"] == \
+            phase["peak_allocated_bytes"] - row["other_resident_bytes"]
+        assert row["weight_bytes"]["total"] <= phase["model_peak_bytes"] < other.nbytes

@@ -31,6 +31,18 @@ CUDA_KERNEL_MAX_ROWS = 64
 FUSED_GEMV = "inductor fused dequantize-GEMV (compiled)"
 
 
+# Kernel layouts a layer builds from its stored buffers when first run (int4 tinygemm packing,
+# Triton launch plans): not in the state dict, rebuilt on the next forward once dropped.
+KERNEL_CACHES = ("_fast", "_fast_key", "_triton")
+
+
+def drop_kernel_layouts(module: nn.Module) -> None:
+    """Forget `module`'s kernel layouts (after its buffers changed, or to free their memory)."""
+    for cached in KERNEL_CACHES:
+        if cached in module.__dict__:
+            setattr(module, cached, None)
+
+
 def cpu_kernel_wins(x: torch.Tensor) -> bool:
     """Whether a CPU weight-only kernel is worth running on activations `x`."""
     return x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS.get(x.dtype, 0)
