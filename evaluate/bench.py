@@ -102,8 +102,7 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
     the row and is not this model's weights, such as a sweep's source model."""
     for module in model.modules():  # built by earlier forwards (a sweep's perplexity): the
         drop_kernel_layouts(module)  # engine rebuilds them, inside this row's own memory
-    sync_and_free(device)
-    resident = other_resident_bytes(model, device)
+    resident = other_resident_bytes(weight_bytes(model)["total"], device)
     semi = None
     if cfg.semi_structured and is_cuda(device) and is_2of4_model(model):
         rows = sorted({*cfg.batches, *(batch * length for batch, length in cfg.prefill)})

@@ -61,8 +61,9 @@ def _named_tensors(model: nn.Module):
             yield name, buf
 
 
-def other_resident_bytes(model: nn.Module, device) -> int | None:
-    """Bytes allocated on `device` now that are not `model`'s weights (None off CUDA).
+def other_resident_bytes(own_bytes: int, device) -> int | None:
+    """Bytes allocated on `device` now beyond a model's `own_bytes` (`weight_bytes(model)`'s
+    total): what other models hold (None off CUDA).
 
     The peak a phase measures is process-wide: a sweep keeps its source model on the GPU while
     it times each recipe, so an int4 8B row's peak held the bf16 source's 16 GB too. A row
@@ -70,7 +71,7 @@ def other_resident_bytes(model: nn.Module, device) -> int | None:
     """
     if torch.device(device).type != "cuda":
         return None
-    return max(torch.cuda.memory_allocated(device) - weight_bytes(model)["total"], 0)
+    return max(torch.cuda.memory_allocated(device) - own_bytes, 0)
 
 
 def model_peak(peak: int | None, other_resident: int | None) -> int | None:

@@ -100,11 +100,12 @@ def bench_hf_generate(model, cfg: BenchConfig, device, ceil: dict, compile_auto:
     from transformers import GenerationConfig
 
     compiled = compile_auto and is_cuda(device)
-    resident = other_resident_bytes(model, device)
+    weights = weight_bytes(model)
+    resident = other_resident_bytes(weights["total"], device)
     row = {"name": "hf" if compile_auto else "hf-eager",
            "runner": "transformers generate (static cache"
                      + (", auto-compiled forward)" if compiled else ", eager)"),
-           "compiled": compiled, "weight_bytes": weight_bytes(model),
+           "compiled": compiled, "weight_bytes": weights,
            "other_resident_bytes": resident, "prefill": [], "decode": []}
     vocab = model.config.vocab_size
 

@@ -211,8 +211,8 @@ def test_a_rows_peak_leaves_out_what_other_models_hold(tiny_model, monkeypatch):
 
     weights = weight_bytes(tiny_model)["total"]
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: weights + 5000)
-    assert other_resident_bytes(tiny_model, "cuda") == 5000
-    assert other_resident_bytes(tiny_model, "cpu") is None
+    assert other_resident_bytes(weights, "cuda") == 5000
+    assert other_resident_bytes(weights, "cpu") is None
     assert model_peak(12000, 5000) == 7000 and model_peak(None, 5000) is None
     assert own_peak({"peak_allocated_bytes": 12000, "model_peak_bytes": 7000}) == 7000
     assert own_peak({"peak_allocated_bytes": 12000}) == 12000   # files from before the field

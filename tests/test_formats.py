@@ -71,6 +71,22 @@ def test_int4_kernel_agrees_with_reference(out_features, in_features, group_size
     assert err < 1e-2
 
 
+def test_dropping_kernel_layouts_keeps_the_chosen_kernel():
+    """The int4 layout is rebuilt from the buffers on the next forward; a Triton plan is the
+    kernel a user chose (it reads the buffers at each call), so it stays."""
+    from compress.formats.base import drop_kernel_layouts
+
+    q = quantized_linear(_linear(96, 128), 4, 64, True).to(torch.bfloat16)
+    x = torch.randn(1, 128).to(torch.bfloat16)
+    before = q(x)
+    chosen = q._triton = object()
+    drop_kernel_layouts(q)
+    assert q._fast is None and q._triton is chosen
+    q._triton = None
+    torch.testing.assert_close(q(x), before, rtol=0, atol=0)
+    assert q.kernel == "torch._weight_int4pack_mm_for_cpu" and q._fast is not None
+
+
 @pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 64)])
 def test_cpu_kernels_are_used_only_where_they_win(bits, group_size):
     """float32 activations beyond one row and long prefills take the reference (measured faster

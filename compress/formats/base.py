@@ -31,9 +31,10 @@ CUDA_KERNEL_MAX_ROWS = 64
 FUSED_GEMV = "inductor fused dequantize-GEMV (compiled)"
 
 
-# Kernel layouts a layer builds from its stored buffers when first run (int4 tinygemm packing,
-# Triton launch plans): not in the state dict, rebuilt on the next forward once dropped.
-KERNEL_CACHES = ("_fast", "_fast_key", "_triton")
+# Kernel layouts a layer builds from its stored buffers when first run (int4 tinygemm packing):
+# not in the state dict, rebuilt on the next forward once dropped. Not the Triton plan
+# (`_triton`): it is the kernel a user chose, and it reads the buffers at each call.
+KERNEL_CACHES = ("_fast", "_fast_key")
 
 
 def drop_kernel_layouts(module: nn.Module) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from compress.formats import grid
-from compress.formats.base import CUDA_KERNEL_MAX_ROWS, QuantizedLinear, fused_on_cuda
+from compress.formats.base import (CUDA_KERNEL_MAX_ROWS, QuantizedLinear, drop_kernel_layouts,
+                                   fused_on_cuda)
 
 SYMMETRIC_ZERO = 8
 
@@ -102,7 +103,7 @@ class Int4Linear(QuantizedLinear):
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / dtype casts invalidate the kernel layout: rebuild on the next forward.
-        self._fast = self._fast_key = None
+        drop_kernel_layouts(self)
         return super()._apply(fn, recurse)
 
 
