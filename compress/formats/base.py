@@ -15,8 +15,8 @@ from compress.formats.triton_kernels import TRITON_GEMM, TRITON_GEMV
 # precision: decode rows. float32: one row only. At 8 rows they lose or tie and at 1024 they are
 # 30-60x slower, but at 1 row dequantizing the whole weight for one token costs more: float32
 # decode at batch 1 of random:smollm2-135m, median ms/token of 31 steps in three interleaved
-# rounds, reference then kernel: int4 g64 208-263 -> 142-159, int8 83-137 -> 85-100 (float32
-# weights 78-85).
+# rounds, reference then kernel: int4 g64 236-251 -> 141-168, int8 118-133 -> 88-101 (float32
+# weights 72-77; reports/smollm2-135m-cpu-bf16-speed/fp32-decode-ab).
 CPU_KERNEL_MAX_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 1}
 # Above this many rows (tokens) CUDA's int4 tinygemm loses to dequantize + cuBLAS: issue 5
 # measured its prefill many times slower than bf16.
