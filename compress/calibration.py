@@ -43,14 +43,16 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.
                          batch_size: int, park: torch.device | None = None
                          ) -> tuple[list[torch.Tensor], dict]:
     """Hidden states entering decoder layer 0 (one tensor per batch, kept on `park`, default
-    `device`) and the layer's kwargs."""
+    `device`) and the layer's kwargs for the first (full) batch; `batch_kwargs` fits them to a
+    shorter last batch."""
     adapter = adapter_for(model)
     first = adapter.layers(model)[0]
     inputs, kwargs_seen = [], {}
 
     def catch(_module, args, kwargs):
         inputs.append((args[0] if args else kwargs.pop("hidden_states")).to(park or device))
-        kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if not kwargs_seen:  # one set serves every batch: no padding, shared positions
+            kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _CaughtInputs
 
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
@@ -82,16 +84,27 @@ def run_layerwise(model: nn.Module, samples: torch.Tensor, compress_layer: Layer
     # time: for Llama-3-8B on 128 x 2048 tokens they are 2.1 GB in bf16, each way.
     hidden, kwargs = capture_layer_inputs(model, samples, device, batch_size, park=offload)
     layers = adapter_for(model).layers(model)
+    full = hidden[0].shape[0]
     for index in tqdm(range(len(layers)), desc=desc, leave=False):
         layer = layers[index].to(device)
 
         def forward(layer=layer):
-            return [_first(layer(h.to(device), **kwargs)).to(offload) for h in hidden]
+            return [_first(layer(h.to(device), **batch_kwargs(kwargs, h.shape[0], full)))
+                    .to(offload) for h in hidden]
 
         outputs = compress_layer(index, layer, forward)
         hidden = outputs if outputs is not None else forward()
         layers[index] = layer.to(offload)
     return hidden
+
+
+def batch_kwargs(kwargs: dict, rows: int, full: int) -> dict:
+    """The first batch's layer kwargs for a batch of `rows` samples: per-sample tensors (an eager
+    attention mask [full, 1, seq, seq]) cut to `rows`; shared ones ([1, ...] positions) as is."""
+    if rows == full:
+        return kwargs
+    return {k: v[:rows] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == full
+            else v for k, v in kwargs.items()}
 
 
 def collect_linear_inputs(modules: dict[str, nn.Module], forward: Callable[[], None],

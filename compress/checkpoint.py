@@ -21,6 +21,7 @@ from compress.adapters import set_submodule
 from compress.errors import UserError
 from compress.formats import FORMATS
 from compress.formats.base import QuantizedLinear
+from compress.prune.common import saved_reports
 
 WEIGHTS = "model.safetensors"
 META = "compress.json"
@@ -46,6 +47,10 @@ def atomic_output_dir(out_dir: str, overwrite: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if os.path.exists(out_dir) and not overwrite:
+        # Created by someone else while this run worked: neither output is thrown away.
+        raise UserError(f"output {out_dir} appeared while this run wrote it; this run's output "
+                        f"is kept in {tmp}")
     if os.path.exists(out_dir):
         trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
         os.replace(out_dir, os.path.join(trash, "old"))
@@ -84,6 +89,9 @@ def write_checkpoint(model: nn.Module, tokenizer, folder: str, recipe: dict | No
     shapes = _reshaped_linears(model)
     if shapes:
         meta["shapes"] = shapes
+    reports = saved_reports(model)
+    if reports:  # the sparsity reached, the structure removed: true of these weights for good
+        meta["reports"] = reports
     with open(os.path.join(folder, META), "w") as handle:
         json.dump(meta, handle, indent=2)
 
@@ -127,6 +135,8 @@ def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
         raise UserError(f"checkpoint {folder} does not match its config: missing "
                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
     model.tie_weights()
+    if meta.get("reports"):
+        model.compress_report = dict(meta["reports"])
     if dtype is not None and dtype != saved_dtype:
         model.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder) if os.path.exists(

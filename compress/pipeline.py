@@ -92,6 +92,7 @@ def compress_model(session: Session, recipe: Recipe):
     s = recipe.calibration
     device = s.device or session.device
     if recipe.needs_calibration():
+        s.check()
         check_device(device, "calibration device")
         calib = CalibrationData(calibration_samples(session.corpus, s.samples, s.seq_len),
                                 s.batch_size, device)

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ import yaml
 import compress
 from compress.errors import UserError, choices
 from compress.passes import build_config, coerce, config_to_dict, pass_table
+from compress.prune.common import refresh_sparsity
 
 
 @dataclass
@@ -38,6 +40,16 @@ class CalibrationSettings:
     # compressed. Where does not change what: it is left out of the recipe hash (and out of the
     # resolved recipe when unset).
     device: str | None = None
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Also called after CLI flags have overridden a recipe's values."""
+        for field in ("samples", "seq_len", "batch_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"calibration {field} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -114,7 +126,7 @@ def load_recipe(path: str) -> Recipe:
         raise UserError(f"recipe file {path!r} does not exist")
     try:
         with open(path) as handle:
-            data = yaml.safe_load(handle)
+            data = load_yaml(handle)
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     default_name = os.path.splitext(os.path.basename(path))[0]
@@ -140,6 +152,22 @@ def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
         bench=(None if data.get("bench") is None else
                _section(BenchSettings, data["bench"], f"{where}: bench")),
     )
+
+
+def load_yaml(stream):
+    """yaml.safe_load, but integers as YAML 1.2 reads them: an unquoted N:M pattern such as 2:4
+    stays the string '2:4' (YAML 1.1, PyYAML's default, reads it as 124 in base 60)."""
+    int_tag = "tag:yaml.org,2002:int"
+
+    class Loader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {
+            first: [(tag, regexp) for tag, regexp in resolvers if tag != int_tag]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    Loader.add_implicit_resolver(int_tag, re.compile(
+        r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+        list("-+0123456789"))
+    return yaml.load(stream, Loader=Loader)
 
 
 def parse_pass(entry, where: str):
@@ -174,4 +202,5 @@ def apply_recipe(model, recipe: Recipe, calib=None):
         if spec.needs_calibration and calib is None:
             raise UserError(f"pass {name!r} needs calibration samples")
         model = spec.apply(model, config, calib)
+    refresh_sparsity(model)
     return model

@@ -114,15 +114,18 @@ def test_keep_mask_holds_a_2_of_4_pattern_exactly(symmetric, act_order):
     assert output_error(x, w, kept) < output_error(x, w, rtn_weight(w, 4, 32, symmetric))
 
 
-def test_incidental_zeros_of_a_dense_layer_are_not_held(tiny_model, tokens):
-    """Trained dense weights have a few exact zeros; only pruned layers keep theirs."""
-    attention = tiny_model.model.layers[0].self_attn
+def test_zeros_are_held_in_a_pruned_model_only(tiny_model, tokens):
+    """A dense model's exact zeros are no pattern (one de-quantized from GGUF Q4_0 has ~12%):
+    GPTQ holds zeros only after a sparsity pass, which leaves its report on the model."""
     with torch.no_grad():
-        attention.o_proj.weight[:, -2:] = 0.0        # 3% of the weights, quantized last
+        tiny_model.model.layers[0].self_attn.o_proj.weight[:, -8:] = 0.0   # 12.5%
     config = GPTQConfig(bits=4, group_size=32, act_order=False)
-    h = InputStats.from_input(correlated_inputs(features=64)).hessian()
-    out = quantize_group(attention, ("o_proj",), h, config)["o_proj"].dequantize()
-    assert (out[:, -2:] != 0).any()
+    calib = CalibrationData(tokens, batch_size=2)
+    pruned = copy.deepcopy(tiny_model)
+    pruned.compress_report = {"sparsity": {"overall": 0.02}}
+    tail = lambda m: m.model.layers[0].self_attn.o_proj.dequantize()[:, -8:]  # noqa: E731
+    assert (tail(gptq(copy.deepcopy(tiny_model), config, calib)) != 0).any()
+    assert (tail(gptq(pruned, config, calib)) == 0).all()
 
 
 def test_sparsegpt_then_gptq_keeps_2_of_4_in_every_linear(tiny_model, tokens):
@@ -150,6 +153,19 @@ def test_driver_with_a_no_op_pass_reproduces_the_model(tiny_model, tokens, batch
     hidden = run_layerwise(tiny_model, tokens, lambda _i, _layer, _forward: None,
                            batch_size=batch_size)
     assert torch.equal(torch.cat(hidden), expected)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_driver_fits_layer_arguments_to_a_short_last_batch(tiny_model, tokens, attention):
+    # Eager attention passes a [batch, 1, seq, seq] mask, caught with the first batch of 3; the
+    # last batch has 2 samples (1 would broadcast and hide a mismatch).
+    model = copy.deepcopy(tiny_model)
+    model.set_attn_implementation(attention)
+    tokens = torch.cat([tokens, tokens[:1]])
+    expected = torch.cat([_final_norm_input(model, b) for b in tokens.split(3)])
+    hidden = run_layerwise(model, tokens, lambda _i, _layer, _forward: None, batch_size=3)
+    assert [h.shape[0] for h in hidden] == [3, 2]
+    torch.testing.assert_close(torch.cat(hidden), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("true_sequential", [True, False])

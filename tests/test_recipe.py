@@ -34,6 +34,8 @@ def test_group_size_default_depends_on_bits():
     (_recipe(passes=[{"pass": "rtn", "bits": "four"}]), r"rtn.bits must be of type int"),
     (_recipe(passes=[]), r"'passes' must be a non-empty list"),
     (_recipe(calibration={"samplez": 3}), r"calibration: unknown key\(s\) samplez"),
+    (_recipe(calibration={"samples": 0}), r"calibration samples must be a positive integer"),
+    (_recipe(calibration={"batch_size": -1}), r"calibration batch_size must be a positive"),
     (["not", "a", "mapping"], r"must be a mapping"),
 ])
 def test_bad_recipes_are_rejected(data, message):

@@ -5,6 +5,7 @@ from compress.commands import add_eval_options, add_model_options, resolve_dtype
 from compress.commands.quantize import print_summary
 from compress.evaluate.results import write_json
 from compress.pipeline import Session, evaluate
+from compress.prune.common import saved_reports
 from compress.recipe import EvaluationSettings
 
 
@@ -24,7 +25,9 @@ def run(args) -> int:
     settings = EvaluationSettings(windows=args.windows, seq_len=args.seq_len,
                                   batch_size=args.batch_size)
     recipe = session.loaded.provenance.get("recipe")
-    results = evaluate(session, session.loaded.model, settings, recipe)
+    # A pruned checkpoint's sparsity and structure, as recorded when it was written.
+    results = evaluate(session, session.loaded.model, settings, recipe,
+                       extra_metrics=saved_reports(session.loaded.model))
     if args.out:
         write_json(results, args.out)
         print(f"wrote {args.out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+from compress.checkpoint import read_meta
 from compress.commands.quantize import add_single_pass_options, run_single_pass
 
 # Flags that map one-to-one onto pass config fields (argparse dest == field name).
@@ -31,10 +32,14 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     code = run_single_pass(args, "prune", PRUNE_FLAGS)
+    if code != 0:
+        return code
     results = os.path.join(args.out, "results.json")
-    if code == 0 and os.path.exists(results):
+    if os.path.exists(results):
         with open(results) as handle:
             print(pruning_summary(json.load(handle)["metrics"]))
+    else:  # not evaluated: the checkpoint's own record of what was pruned
+        print(pruning_summary(read_meta(args.out).get("reports", {})))
     return code
 
 
@@ -50,5 +55,6 @@ def pruning_summary(metrics: dict) -> str:
     if structured:
         parts.append(f"parameters {structured['parameters_before']:,} -> "
                      f"{structured['parameters_after']:,}")
-    parts.append(f"in {metrics.get('compress_seconds')} s")
+    if metrics.get("compress_seconds") is not None:
+        parts.append(f"in {metrics['compress_seconds']} s")
     return "; ".join(parts)

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
 from compress.checkpoint import check_output
 from compress.errors import UserError, choices
 from compress.passes import build_config, pass_table
 from compress.pipeline import Session, run_recipe
-from compress.recipe import Recipe
+from compress.recipe import Recipe, load_yaml
 from compress.sources import check_device
 
 # Flags that map one-to-one onto pass config fields (argparse dest == field name).
@@ -63,7 +61,7 @@ def pass_fields(args, flags) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--option expects FIELD=VALUE, got {item!r}")
-        fields[key.replace("-", "_")] = yaml.safe_load(value)
+        fields[key.replace("-", "_")] = load_yaml(value)
     return fields
 
 
@@ -75,10 +73,11 @@ def run_single_pass(args: argparse.Namespace, kind: str, flags) -> int:
     check_output(args.out, args.overwrite)
     recipe = Recipe(name=recipe_name(args.method, config), passes=[(args.method, config)],
                     model=args.model)
-    if args.calib_samples:
+    if args.calib_samples is not None:
         recipe.calibration.samples = args.calib_samples
-    if args.calib_seq_len:
+    if args.calib_seq_len is not None:
         recipe.calibration.seq_len = args.calib_seq_len
+    recipe.calibration.check()
     if args.calib_device:
         check_device(args.calib_device, "calibration device")
         recipe.calibration.device = args.calib_device
@@ -100,6 +99,22 @@ def recipe_name(method: str, config) -> str:
         parts.append(f"g{config.group_size}" if config.group_size else "channel")
     if hasattr(config, "symmetric"):
         parts.append("sym" if config.symmetric else "asym")
+    # Pruning: what tells two runs of one method apart (wanda-s0.5, sparsegpt-2of4, heads-r0.33).
+    pattern = getattr(config, "pattern", None)
+    if pattern == "unstructured":
+        parts.append(f"s{0.5 if config.sparsity is None else config.sparsity:g}")
+    elif pattern is not None:
+        parts.append(pattern.replace(":", "of"))
+    if getattr(config, "profile", "uniform") != "uniform":
+        parts.append(config.profile)
+    if hasattr(config, "ratio"):
+        parts.append(f"r{config.ratio:g}")
+    if getattr(config, "mode", "kv-groups") != "kv-groups":
+        parts.append(config.mode)
+    if getattr(config, "scope", None) == "global":
+        parts.append("global")
+    if hasattr(config, "drop"):
+        parts.append(f"d{config.drop}")
     return "-".join(parts)
 
 

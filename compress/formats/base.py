@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,10 @@ class QuantizedLinear(nn.Module):
     kernel_choices = ("auto",)  # what set_kernel accepts
     triton_gemm_min_rows = 2  # with 'triton': rows from here on take its GEMM (one row its GEMV)
     _triton = None  # the Triton kernels' launch plans, once chosen
+    # Floating buffers whose dtype is part of the format (FP8 codes, float32 scales): a cast of
+    # the model (`.to(bfloat16)`, a checkpoint reloaded in another dtype) moves them but keeps
+    # their dtype; `nn.Module.to(dtype)` would convert every floating buffer, float8 included.
+    fixed_dtype_buffers: tuple[str, ...] = ()
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  symmetric: bool, bias: bool, dtype: torch.dtype):
@@ -113,6 +118,26 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        # A move or cast invalidates the kernel layouts: rebuilt on the next forward.
+        drop_kernel_layouts(self)
+        order = list(self._buffers)
+        fixed = {name: self._buffers.pop(name) for name in self.fixed_dtype_buffers
+                 if self._buffers.get(name) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in fixed.items():
+                # Where `fn` sends tensors, from an empty probe: only the device is taken.
+                self._buffers[name] = tensor.to(fn(tensor.new_empty(0)).device)
+            self._buffers = OrderedDict((name, self._buffers[name]) for name in order)
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # New buffer contents make the kernel layouts built from the old ones stale.
+        drop_kernel_layouts(self)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def spec(self) -> dict:
         return {"format": self.format, "in_features": self.in_features,
@@ -212,6 +237,7 @@ class RowScaledLinear(QuantizedLinear):
     code_dtype = torch.int8
     fast_kernel = "none"
     description = ""
+    fixed_dtype_buffers = ("qweight", "scales")
 
     @staticmethod
     def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

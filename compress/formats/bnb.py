@@ -73,6 +73,7 @@ def llm_int8_reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, thr
 
 class BnbInt8Linear(QuantizedLinear):
     format = "bnb-int8"
+    fixed_dtype_buffers = ("scales",)  # bitsandbytes' kernels take float32 row statistics
 
     def __init__(self, in_features: int, out_features: int, threshold: float, bias: bool,
                  dtype: torch.dtype):
@@ -123,10 +124,11 @@ class BnbInt8Linear(QuantizedLinear):
         if self.threshold > 0:
             out, _ = torch.ops.bitsandbytes.int8_mixed_scaled_mm(
                 flat, ca, self.qweight, sca, self.scales, outlier_cols, bias)
+            self.kernel = "bitsandbytes.int8_mixed_scaled_mm"
         else:
             out = torch.ops.bitsandbytes.int8_scaled_mm(ca, self.qweight, sca, self.scales,
                                                         bias=bias, dtype=x.dtype)
-        self.kernel = "bitsandbytes.int8_mixed_scaled_mm"
+            self.kernel = "bitsandbytes.int8_scaled_mm"
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -139,6 +141,7 @@ class Bnb4bitLinear(QuantizedLinear):
     """Shared body of the NF4 and FP4 layers; subclasses fix `quant_type` and `format`."""
 
     quant_type = ""
+    fixed_dtype_buffers = ("quant_map", "absmax", "nested_absmax", "nested_quant_map", "offset")
 
     def __init__(self, in_features: int, out_features: int, blocksize: int, double_quant: bool,
                  compute_dtype: str, bias: bool, dtype: torch.dtype):

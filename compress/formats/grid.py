@@ -7,7 +7,8 @@ gets a scale and an integer zero point; codes are unsigned in [0, 2**bits - 1]:
     w ~= (q - zero) * scale
 
 Symmetric: zero = 2**(bits-1) and scale = max|w| / ((2**bits - 1) / 2), so the grid spans
-[-amax * 16/15, amax] for 4 bits (the convention of llm-compressor and GPTQ's `sym`).
+[-amax * 16/15, amax * 14/15] for 4 bits: +amax clamps half a step down (the convention of
+llm-compressor and GPTQ's `sym`).
 Asymmetric: the grid spans [min(w, 0), max(w, 0)] with an integer zero point.
 """
 from __future__ import annotations
@@ -21,7 +22,10 @@ def group_count(in_features: int, group_size: int) -> int:
     return 1 if group_size == 0 else in_features // group_size
 
 
-def check_group_size(name: str, in_features: int, group_size: int) -> None:
+def check_group_size(name: str, in_features: int, group_size: int, bits: int = 8) -> None:
+    if bits == 4 and in_features % 2:
+        raise UserError(f"int4 packs two columns per byte: the input width {in_features} of "
+                        f"{name} is odd; use 8 bits for it")
     if group_size < 0:
         raise UserError(f"group size must be 0 (per channel) or a positive divisor of the input "
                         f"width, got {group_size}")

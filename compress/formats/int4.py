@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from compress.formats import grid
-from compress.formats.base import (CUDA_KERNEL_MAX_ROWS, QuantizedLinear, drop_kernel_layouts,
-                                   fused_on_cuda)
+from compress.formats.base import CUDA_KERNEL_MAX_ROWS, QuantizedLinear, fused_on_cuda
 
 SYMMETRIC_ZERO = 8
 
@@ -100,11 +99,6 @@ class Int4Linear(QuantizedLinear):
             kernel, out = "reference", self.reference_forward(x)
         self.label(kernel, x)
         return out
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .cuda() / dtype casts invalidate the kernel layout: rebuild on the next forward.
-        drop_kernel_layouts(self)
-        return super()._apply(fn, recurse)
 
 
 def int4_codes(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None

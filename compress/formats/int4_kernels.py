@@ -44,7 +44,9 @@ class Int4Fast:
         return self.packed.nbytes + self.scales_and_zeros.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        # Contiguous: the kernels reject strided rows, such as the last position of each prompt
+        # that a batched prefill (`logits_to_keep=1`) hands to a quantized lm_head.
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
         if self.device.type == "cuda":
             out = torch._weight_int4pack_mm(flat, self.packed, self.group_size,
                                             self.scales_and_zeros)

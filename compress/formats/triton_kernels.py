@@ -251,6 +251,11 @@ def plan(out_features: int, in_features: int, bits: int, group_size: int, device
     timed once per shape on random codes (the time does not depend on their values)."""
     if bits == 4 and group_size == 0:
         raise ValueError("the Triton kernels take grouped int4 only")
+    if group_size and (group_size < 16 or group_size & (group_size - 1)):
+        # A K step spans whole groups (tl.arange takes powers of two, tl.dot K >= 16); a group
+        # of 192 would have one step read two groups under the first one's scale.
+        raise ValueError(f"the Triton kernels take group sizes that are powers of two from 16, "
+                         f"got {group_size}")
     interpreted = _interpreted()
     warps, tuning = 4, "default"
     if tune and device.type == "cuda" and not interpreted:

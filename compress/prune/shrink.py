@@ -114,4 +114,8 @@ def global_keep_counts(scores: list[torch.Tensor], ratio: float, min_keep: int) 
         if scores[layer].numel() - removed[layer] > min_keep:
             removed[layer] += 1
             remove -= 1
+    if remove:
+        most = sum(max(s.numel() - min_keep, 0) for s in scores) / flat.numel()
+        raise UserError(f"ratio {ratio} would leave a layer fewer than {min_keep} units; with "
+                        f"scope global the ratio can be at most {most:.4f} here")
     return [s.numel() - int(r) for s, r in zip(scores, removed)]

@@ -18,7 +18,7 @@ from compress.errors import UserError
 from compress.evaluate.memory import parameter_count
 from compress.passes import register_pass
 from compress.prune import shrink
-from compress.prune.common import attach_report, float_linears
+from compress.prune.common import attach_report, check_not_sparse, float_linears
 from compress.prune.sparsegpt import accumulate_hessian
 
 CRITERIA = ("activation", "magnitude")
@@ -90,6 +90,7 @@ def _layer_stats(model, calib, measure, desc):
 @torch.no_grad()
 def mlp_channels(model: nn.Module, config: MLPChannelsConfig, calib) -> nn.Module:
     float_linears(model)
+    check_not_sparse(model, "mlp-channels")
     if calib is None:
         raise UserError("mlp-channels needs calibration samples")
     a = adapter_for(model)
@@ -154,6 +155,7 @@ def mlp_channels(model: nn.Module, config: MLPChannelsConfig, calib) -> nn.Modul
 @torch.no_grad()
 def heads(model: nn.Module, config: HeadsConfig, calib) -> nn.Module:
     float_linears(model)
+    check_not_sparse(model, "heads")
     a = adapter_for(model)
     q, k, v, o = (f"{a.attention}.{n}" for n in (a.q, a.k, a.v, a.o))
     cfg = model.config

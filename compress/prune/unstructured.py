@@ -86,6 +86,10 @@ class SparseGPTConfig(SparsityConfig):
         if self.blocksize < 1 or self.damp < 0:
             raise UserError(f"blocksize must be >= 1 and damp >= 0; got {self.blocksize}, "
                             f"{self.damp}")
+        nm = masks.parse_pattern(self.pattern)
+        if nm is not None and self.blocksize % nm[1]:
+            raise UserError(f"pattern {self.pattern} needs a blocksize that is a multiple of "
+                            f"{nm[1]}; got {self.blocksize}")
 
 
 # ----- statistics -------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def quantize_layer(layer: nn.Module, adapter, grams: dict[str, torch.Tensor],
 
 @register_pass("awq", AWQConfig, needs_calibration=True)
 def awq(model: nn.Module, config: AWQConfig, calib: CalibrationData) -> nn.Module:
-    check_widths(model, config.group_size)
+    check_widths(model, config.group_size, config.bits)
     adapter = adapter_for(model)
     heads = foldable_heads(model)
     a = adapter.attention

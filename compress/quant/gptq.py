@@ -8,6 +8,7 @@ Int4Linear / Int8Linear.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,13 +20,11 @@ from compress.calibration import (CalibrationData, collect_linear_inputs, one_cp
 from compress.errors import UserError
 from compress.formats import grid
 from compress.passes import register_pass
+from compress.prune.common import was_pruned
 from compress.quant.rtn import FORMAT_BY_BITS, WeightQuantConfig, check_widths
 from compress.quant.stats import InputStats, input_groups
 
 
-# Dense weights have a few incidental exact zeros (SmolLM2-135M, de-quantized from Q4_1: 33,483
-# of 106M); holding those at zero would only constrain GPTQ, so only sparser layers keep zeros.
-SPARSE_FRACTION = 0.05
 # true_sequential over at most this many calibration tokens runs as one forward of every sample
 # at once (the fastest: SmolLM2's 64 x 512 protocol is 32,768 tokens). Beyond it, the whole
 # set's activations of one layer would not fit (Llama-3-8B on 128 x 2048 tokens: ~7.5 GB per
@@ -51,9 +50,10 @@ class GPTQConfig(WeightQuantConfig):
     # else one batched forward per group. False: one batched forward with float linears, then a
     # second forward of the quantized layer.
     true_sequential: bool = True
-    # In a pruned layer (at least SPARSE_FRACTION of its weights exactly zero, e.g. 2:4 SparseGPT)
-    # the zeros stay exactly zero: error feedback would otherwise re-fill them and break the
-    # sparsity pattern.
+    # In a pruned model (a sparsity pass ran on it, in this recipe or before its checkpoint was
+    # saved) the zeros stay exactly zero: error feedback would otherwise re-fill them and break
+    # the sparsity pattern. Never in a dense model, whatever its zeros: a model de-quantized
+    # from GGUF Q4_0 has ~12% (code 8 is 0.0), and holding them only constrains GPTQ.
     keep_zeros: bool = True
 
     def __post_init__(self):
@@ -179,9 +179,7 @@ def quantize_group(layer: nn.Module, names: tuple[str, ...], h: torch.Tensor,
     quantized in one call, which is exact since GPTQ treats rows independently."""
     linears = [layer.get_submodule(name) for name in names]
     w = torch.cat([linear.weight.data for linear in linears])
-    keep = w != 0
-    sparse = 1.0 - keep.float().mean().item() >= SPARSE_FRACTION
-    keep = keep if config.keep_zeros and sparse else None
+    keep = (w != 0) if config.keep_zeros else None
     codes, scale, zero = gptq_quantize(w, h, config.bits, config.group_size, config.symmetric,
                                        config.act_order, config.damp, config.block_size, keep,
                                        config.static_groups)
@@ -250,7 +248,8 @@ def _sequential_in_batches(layer: nn.Module, groups, config: GPTQConfig, forward
 
 @register_pass("gptq", GPTQConfig, needs_calibration=True)
 def gptq(model: nn.Module, config: GPTQConfig, calib: CalibrationData) -> nn.Module:
-    check_widths(model, config.group_size)
+    check_widths(model, config.group_size, config.bits)
+    config = dataclasses.replace(config, keep_zeros=config.keep_zeros and was_pruned(model))
     groups = input_groups(adapter_for(model))
     samples = calib.samples
     one_forward = config.true_sequential and samples.numel() <= ONE_FORWARD_MAX_TOKENS

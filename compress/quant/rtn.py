@@ -38,14 +38,16 @@ class RTNConfig(WeightQuantConfig):
     pass
 
 
-def check_widths(model: nn.Module, group_size: int) -> list[tuple[str, nn.Linear]]:
-    """Every decoder linear, after checking the group size divides each input width."""
+def check_widths(model: nn.Module, group_size: int, bits: int = 8
+                 ) -> list[tuple[str, nn.Linear]]:
+    """Every decoder linear, after checking the group size divides each input width (and, for
+    int4, that the width is even)."""
     linears = decoder_linears(model)
     for name, linear in linears:
         if not isinstance(linear, nn.Linear):
             raise UserError(f"{name} is already compressed ({type(linear).__name__}); "
                             "weight quantization needs a float nn.Linear")
-        grid.check_group_size(name, linear.in_features, group_size)
+        grid.check_group_size(name, linear.in_features, group_size, bits)
     return linears
 
 
@@ -65,7 +67,7 @@ def quantized_linear(linear: nn.Linear, bits: int, group_size: int, symmetric: b
 
 @register_pass("rtn", RTNConfig)
 def rtn(model: nn.Module, config: RTNConfig, calib=None) -> nn.Module:
-    for name, linear in check_widths(model, config.group_size):
+    for name, linear in check_widths(model, config.group_size, config.bits):
         set_submodule(model, name, quantized_linear(linear, config.bits, config.group_size,
                                                     config.symmetric))
     return model
@@ -86,7 +88,7 @@ def quantize_lm_head(model: nn.Module, config: LMHeadConfig, calib=None) -> nn.M
     if not isinstance(head, nn.Linear):
         raise UserError(f"lm_head is already compressed ({type(head).__name__}); the lm-head pass "
                         "needs a float nn.Linear")
-    grid.check_group_size("lm_head", head.in_features, config.group_size)
+    grid.check_group_size("lm_head", head.in_features, config.group_size, config.bits)
     # A copy: when tied, head.weight is the embedding's table, which stays float and unchanged.
     quantized = quantized_linear(head, config.bits, config.group_size, config.symmetric,
                                  weight=head.weight.data.clone())
