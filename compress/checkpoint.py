@@ -18,7 +18,7 @@ from torch import nn
 
 import compress
 from compress.adapters import set_submodule
-from compress.errors import UserError
+from compress.errors import UserError, user_error_on
 from compress.formats import FORMATS
 from compress.formats.base import QuantizedLinear
 from compress.prune.common import saved_reports
@@ -28,9 +28,23 @@ META = "compress.json"
 
 
 def check_output(out_dir: str, overwrite: bool) -> None:
-    """Fail before any work when the output exists and may not be replaced."""
+    """Fail before any work when the output exists and may not be replaced, or cannot be
+    written."""
     if os.path.exists(out_dir) and not overwrite:
         raise UserError(f"output {out_dir} exists; pass --overwrite to replace it")
+    check_writable(out_dir)
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work when `path` (a file or folder to be written) cannot be created:
+    a temporary folder is made and removed where its nearest existing parent is."""
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"cannot write output {path}: {ancestor} is not a folder")
+    with user_error_on(f"cannot write output {path}", OSError):
+        os.rmdir(tempfile.mkdtemp(prefix=".compress-probe-", dir=ancestor))
 
 
 @contextmanager
@@ -39,8 +53,9 @@ def atomic_output_dir(out_dir: str, overwrite: bool):
     out_dir = os.path.abspath(out_dir)
     check_output(out_dir, overwrite)
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    with user_error_on(f"cannot write output {out_dir}", OSError):
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         yield tmp
         _default_permissions(tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from compress import __version__
@@ -29,9 +30,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Arguments that name files or folders a command reads.
+INPUT_ARGS = ("model", "recipe", "recipes", "results", "baseline", "speed_from", "corpus",
+              "tasks_dir")
+
+
+def check_out_holds_no_input(args) -> None:
+    """`--out X --overwrite` replaces X whole: refuse when X is, or holds, something the command
+    reads (the source model, a recipe, the results a report renders) or the current folder."""
+    out = getattr(args, "out", None)
+    if not out or not getattr(args, "overwrite", False) or not os.path.isdir(out):
+        return
+    root = os.path.realpath(out)
+    inputs = []
+    for name in INPUT_ARGS:
+        value = getattr(args, name, None)
+        inputs += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    cwd = os.getcwd()
+    for path in [*inputs, cwd]:
+        real = os.path.realpath(path)
+        if os.path.exists(path) and (real == root or real.startswith(root + os.sep)):
+            what = "the current folder" if path is cwd else f"the input {path}"
+            raise UserError(f"--out {out} holds {what}; --overwrite would delete it, choose "
+                            "another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_out_holds_no_input(args)
         return args.run(args) or 0
     except UserError as exc:
         print(f"compress {args.command}: error: {exc}", file=sys.stderr)

@@ -7,12 +7,13 @@ models (e.g. GPTQ of the Llama-3-8B shape on 128 x 2048 tokens), never for quali
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from compress.errors import UserError
+from compress.errors import UserError, user_error_on
 from compress.hub import hub_reachable
 
 CORPUS_HELP = ("pydoc, wikitext, random, a local .txt/.jsonl/.parquet file, or a hub dataset "
@@ -94,21 +95,44 @@ def _texts(name: str) -> tuple[str, str | None]:
 
 
 def _local_text(path: str) -> str:
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
     ext = os.path.splitext(path)[1]
-    if ext not in kinds:
+    if ext not in (".txt", ".jsonl", ".json", ".parquet"):
         raise UserError(f"corpus file {path!r} has an unsupported extension; allowed: "
                         ".txt, .jsonl, .json, .parquet")
-    import datasets
+    with user_error_on(f"corpus file {path!r} is not valid {ext[1:]}", OSError, ValueError):
+        if ext == ".txt":  # UnicodeDecodeError is a ValueError
+            with open(path, encoding="utf-8") as handle:
+                return handle.read()
+        if ext == ".parquet":
+            import pyarrow.parquet as pq  # datasets' own dependency
 
-    table = datasets.load_dataset(kinds[ext], data_files=path, split="train")
-    if "text" not in table.column_names:
+            table = pq.read_table(path)
+            columns = table.column_names
+            texts = table.column("text").to_pylist() if "text" in columns else None
+        else:
+            records = _json_records(path)
+            columns = sorted({key for record in records for key in record})
+            texts = [record.get("text") for record in records] if "text" in columns else None
+    if texts is None:
         raise UserError(f"corpus file {path!r} has no 'text' column; columns: "
-                        f"{', '.join(table.column_names)}")
-    return "\n\n".join(table["text"])
+                        f"{', '.join(columns)}")
+    if not all(isinstance(text, str) for text in texts):
+        raise UserError(f"corpus file {path!r}: every 'text' value must be a string")
+    return "\n\n".join(texts)
+
+
+def _json_records(path: str) -> list[dict]:
+    """A JSON list of objects, or JSON lines (one object per line)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text)
+        records = data if isinstance(data, list) else [data]
+    except ValueError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not all(isinstance(record, dict) for record in records):
+        raise ValueError("expected objects with a 'text' field")
+    return records
 
 
 def _hub_texts(name: str) -> tuple[str, str]:

@@ -1,4 +1,5 @@
 """The one error type that reaches users as a one-line message and exit code 2."""
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -10,3 +11,19 @@ class UserError(Exception):
 
 def choices(values) -> str:
     return ", ".join(str(v) for v in sorted(values))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def user_error_on(prefix: str, *types: type[BaseException]):
+    """Bad files surface as the libraries' own exceptions (a truncated safetensors file, text
+    that is not UTF-8, a folder that cannot be created): turn those listed into a UserError
+    "prefix: the error's first line"."""
+    try:
+        yield
+    except types as exc:
+        raise UserError(f"{prefix}: {first_line(exc)}") from exc

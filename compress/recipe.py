@@ -59,6 +59,19 @@ class EvaluationSettings:
     seq_len: int | None = None
     batch_size: int = 1
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Also called after CLI flags have overridden a recipe's values."""
+        for field, least in (("windows", 1), ("seq_len", 2), ("batch_size", 1)):
+            value = getattr(self, field)
+            if value is None and field != "batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"evaluation {field} must be an integer >= {least}, "
+                                f"got {value!r}")
+
 
 @dataclass
 class BenchSettings:
@@ -142,8 +155,11 @@ def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
     passes = data.get("passes")
     if not isinstance(passes, list) or not passes:
         raise UserError(f"{where}: 'passes' must be a non-empty list of {{pass: NAME, ...fields}}")
+    if not isinstance(data.get("model", ""), str):
+        raise UserError(f"{where}: model must be a model source string such as smollm2-135m, "
+                        f"got {data['model']!r}")
     return Recipe(
-        name=str(data.get("name", default_name)),
+        name=check_name(str(data.get("name", default_name)), where),
         passes=[parse_pass(entry, f"{where}: passes[{i}]") for i, entry in enumerate(passes)],
         model=data.get("model"),
         corpus=str(data.get("corpus", "pydoc")),
@@ -152,6 +168,20 @@ def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
         bench=(None if data.get("bench") is None else
                _section(BenchSettings, data["bench"], f"{where}: bench")),
     )
+
+
+# A recipe's name becomes a file name in a sweep folder (NAME.json): one plain path component,
+# and neither of the names a sweep writes itself.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+RESERVED_NAMES = ("baseline", "failures")
+
+
+def check_name(name: str, where: str) -> str:
+    if not NAME_PATTERN.fullmatch(name) or name in RESERVED_NAMES:
+        raise UserError(f"{where}: recipe name {name!r} must be letters, digits, '.', '_', '+' "
+                        f"or '-' (not starting with a symbol) and not "
+                        f"{' or '.join(RESERVED_NAMES)}")
+    return name
 
 
 def load_yaml(stream):
@@ -176,7 +206,7 @@ def parse_pass(entry, where: str):
         raise UserError(f"{where} must be a mapping with a 'pass' key; passes: {choices(table)}")
     fields = dict(entry)
     name = fields.pop("pass")
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise UserError(f"{where}: unknown pass {name!r}; allowed: {choices(table)}")
     return name, build_config(table[name], fields)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compress.errors import UserError
+from compress.errors import UserError, user_error_on
 from compress.hub import hub_reachable
 from compress.shapes import SHAPES, llama_config
 
@@ -45,9 +45,13 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
     elif source.startswith("random:"):
         loaded = load_random(source.split(":", 1)[1], dtype, device=device)
     elif os.path.isdir(source) and os.path.exists(os.path.join(source, "compress.json")):
+        from safetensors import SafetensorError
+
         from compress.checkpoint import load_checkpoint
 
-        loaded = load_checkpoint(source, dtype)
+        with user_error_on(f"checkpoint {source} is incomplete or corrupt", OSError, ValueError,
+                           KeyError, TypeError, SafetensorError):
+            loaded = load_checkpoint(source, dtype)
     elif os.path.isdir(source):
         loaded = _load_hf(source, dtype, local=True)
     elif os.path.isfile(source) and source.endswith(".gguf"):
@@ -76,8 +80,9 @@ def _load_gguf(path: str, dtype: torch.dtype) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(path))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    with user_error_on(f"could not read GGUF file {path}", OSError, ValueError, KeyError):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     # The float model no longer carries GGUF quantization: keep the config from claiming it does.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -136,7 +136,7 @@ def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: d
            "prefill": [], "decode": []}
     matmul = ceil["matmul"]["flop_per_s"]
     for batch, length in cfg.prefill:
-        engine.allocate(batch, length + 1)
+        engine.allocate(batch, length)
         ids = random_tokens(batch, length, vocab, device, cfg.seed)
         compile_s = _compile_prefill(engine, ids, device) if cfg.compile_prefill else None
         # Labels from an eager prefill of these rows: _compile_prefill's, else the timed ones.
@@ -197,9 +197,9 @@ def choose_kernels(model: nn.Module, choices: tuple[tuple[str, str], ...]) -> in
 
 def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, device,
                   weights: dict, ceil: dict, resident: int | None) -> dict:
-    # One more slot than prompt + new: the timed loop runs `new` forward steps after the token
-    # chosen from the prefill logits.
-    engine.allocate(batch, cfg.prompt + cfg.new + 1)
+    # The timed loop runs `new` forward steps after the token chosen from the prefill logits:
+    # positions prompt .. prompt + new - 1.
+    engine.allocate(batch, cfg.prompt + cfg.new)
     compile_s = engine.compile_decode(tune=cfg.tune_kernels) if cfg.compile else None
     kernels = linear_kernels(engine.model, compiled=True) if cfg.compile else None
     ids = random_tokens(batch, cfg.prompt, vocab, device, cfg.seed + batch)

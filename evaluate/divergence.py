@@ -11,10 +11,11 @@ an 8B model's 128k vocabulary makes a cache of even a few windows too big).
 Why float16 log-probs and not bfloat16 or logits: the probable tokens carry the KL, and their
 log-probs are near 0 where float16's absolute error is smallest (about 1e-3 at |x| ~ 4, 1e-4 at
 |x| < 0.5); bfloat16 keeps 3 fewer mantissa bits. The stored values are re-normalized
-(log_softmax in float32) before use, so the reference is a proper distribution and a model's KL
-from its own cache is second order in the rounding. Measured on SmolLM2 (3 pydoc windows): the
-floor is 2.9e-7 nats (int8 per-channel is at 3e-3), and int4-g64's KL from the cache differs from
-the KL against a recomputed float32 baseline by 5e-7 relative. The top-1 token of the reference is kept exactly (int32 ids
+(log_softmax in float32) before use, so the reference is a proper distribution, and a model's
+log-probs are rounded the same way before the KL, so a model identical to the baseline is at 0
+exactly. Measured on SmolLM2 (3 pydoc windows), before models were rounded too: a model's KL
+from its own cache was 2.9e-7 nats (int8 per-channel is at 3e-3), and int4-g64's KL from the
+cache differed from the KL against a recomputed float32 baseline by 5e-7 relative. The top-1 token of the reference is kept exactly (int32 ids
 from the float32 logits), so rounding never flips agreement. The KL is summed in float32 over the
 vocabulary and in float64 over positions.
 """
@@ -75,6 +76,14 @@ class Reference:
         log_probs = F.log_softmax(self._log_probs[index].to(device, torch.float32), dim=-1)
         return log_probs, self._top1[index].to(device, torch.long)
 
+    def comparable(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """A model's float32 log-probs rounded as the cached reference was (float16, then
+        re-normalized): a model identical to the baseline is then at KL exactly 0, as it is
+        against a recomputed reference, instead of at the cache's rounding floor."""
+        if not self.cache:
+            return log_probs
+        return F.log_softmax(log_probs.to(CACHE_DTYPE).float(), dim=-1)
+
 
 @torch.no_grad()
 def evaluate_windows(model, windows: torch.Tensor, batch_size: int = 1, device=None,
@@ -107,7 +116,7 @@ def evaluate_windows(model, windows: torch.Tensor, batch_size: int = 1, device=N
                 record_into.record(index, log_probs, top1)
             if reference is not None:
                 ref_log_probs, ref_top1 = reference.get(index, device)
-                total_kl += kl_sum(ref_log_probs, log_probs)
+                total_kl += kl_sum(ref_log_probs, reference.comparable(log_probs))
                 agree += int((ref_top1 == top1).sum())
             index += 1
     mean = total_nll / tokens

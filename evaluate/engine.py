@@ -156,8 +156,8 @@ class Engine:
         batch, length = input_ids.shape
         if self.cache is None or batch != self.batch:
             raise UserError(f"prefill of batch {batch} needs allocate({batch}, ...) first")
-        if length >= self.max_len:
-            raise UserError(f"prompt of {length} tokens leaves no room in a {self.max_len} cache")
+        if length > self.max_len:
+            raise UserError(f"prompt of {length} tokens exceeds the cache of {self.max_len}")
         self.reset()
         if attention_mask is None:
             self._offsets = None
@@ -253,7 +253,8 @@ class Engine:
         batch, length = input_ids.shape
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if length + max_new_tokens > self.max_len:
+        # The last new token comes from the last forward's logits: it needs no cache slot.
+        if length + max_new_tokens - 1 > self.max_len:
             raise UserError(f"{length} prompt + {max_new_tokens} new tokens exceed the cache of "
                             f"{self.max_len}; allocate a longer one")
         logits = self.prefill(input_ids, attention_mask)

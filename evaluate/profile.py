@@ -27,7 +27,7 @@ def profile_phases(engine: Engine, prompt: int, decode_steps: int,
                                              stop_on_eos=False), device)
     decode.update(batch=engine.batch, steps=decode_steps)
     batch, length = prefill
-    engine.allocate(batch, length + 1)
+    engine.allocate(batch, length)
     prompt_ids = random_tokens(batch, length, vocab, device, seed)
     engine.prefill(prompt_ids)  # warm
     synchronize(device)

@@ -11,6 +11,7 @@ import tempfile
 import torch
 
 import compress
+from compress.errors import user_error_on
 
 
 def environment() -> dict:
@@ -48,12 +49,17 @@ def build_results(model_info: dict, recipe: dict | None, protocol: dict, metrics
 
 def write_json(data: dict, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".json", dir=folder)
+    with user_error_on(f"cannot write {path}", OSError):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, default=str)
-        os.replace(tmp, path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; results are not
+        with user_error_on(f"cannot write {path}", OSError):
+            os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise

@@ -93,11 +93,12 @@ def test_bench_on_cpu_writes_every_figure(tmp_path):
     assert (one["batch"], two["batch"]) == (1, 2)
     assert one["ms_per_token"] > 0 and 0 < one["pct_of_roofline"] <= 100
     # Static cache: key + value, 2 layers x 2 KV heads x 16 dims of float32 per token, for the
-    # prompt, the first token (from the prefill) and the timed new tokens of every sequence.
+    # prompt and the 4 tokens the timed steps feed back: the first from the prefill logits, the
+    # last step's own token needs no slot. A prefill holds its prompt exactly.
     per_token = 2 * 2 * 2 * 16 * 4
-    assert one["kv_cache_bytes"] == per_token * (8 + 1 + 4)
+    assert one["kv_cache_bytes"] == per_token * (8 + 4)
     assert two["kv_cache_bytes"] == 2 * one["kv_cache_bytes"]
-    assert prefill["kv_cache_bytes"] == per_token * (16 + 1)
+    assert prefill["kv_cache_bytes"] == per_token * 16
     assert row["kernels"]["mlp.down_proj"] == "Linear: torch.nn.functional.linear"
     assert prefill["kernels"] == one["kernels"] == row["kernels"]   # float: one kernel everywhere
 

@@ -119,7 +119,19 @@ def test_bad_settings_are_user_errors(lively):
     engine = Engine(lively)
     engine.allocate(1, 16)
     with pytest.raises(UserError, match="exceed the cache"):
-        engine.generate(random_tokens(1, 10, 256, "cpu"), 10)
+        engine.generate(random_tokens(1, 10, 256, "cpu"), 8)
+
+
+def test_the_cache_holds_exactly_what_a_run_feeds_back(lively):
+    """A prompt may fill the cache (a 2048-token prefill on a 2048-position model); the last new
+    token of a generation comes from the last logits and needs no slot."""
+    engine = Engine(lively)
+    engine.allocate(1, 16)
+    ids = random_tokens(1, 16, 256, "cpu")
+    with torch.no_grad():
+        expected = lively(ids).logits[:, -1]
+    torch.testing.assert_close(engine.prefill(ids), expected, rtol=1e-5, atol=1e-5)
+    assert engine.generate(ids[:, :10], 7, stop_on_eos=False).tokens.shape == (1, 7)
 
 
 def test_kv_cache_bytes_are_the_static_allocation(lively):

@@ -133,6 +133,19 @@ def test_gate_fails_with_exit_1_and_one_line_per_broken_threshold(tmp_path, caps
     assert "gate passed: 1 result(s)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("broken,flags", [
+    (result("int4", ppl=math.nan), ["--max-ppl-increase", "50%"]),
+    (result("int4", ms=math.nan), ["--min-decode-speedup", "0.1"]),
+    (result("int4", kl=math.nan), ["--max-kl", "1", "--min-top1-agreement", "0"]),
+])
+def test_a_figure_that_is_not_a_number_fails_the_gate(tmp_path, capsys, broken, flags):
+    # A model whose logits overflowed gives NaN perplexity: every comparison with NaN is
+    # False, so a gate written as `value > limit` would pass it.
+    paths = _write(tmp_path, old=result(ppl=10.0, ms=10, kl=0.0), new=broken)
+    assert main(["report", "--baseline", paths["old"], paths["new"], *flags]) == 1
+    assert "GATE FAILED int4" in capsys.readouterr().out
+
+
 def test_gate_passes_when_the_new_model_is_better(tmp_path, capsys):
     paths = _write(tmp_path, old=result(ppl=10.0, ms=10), new=result("x", ppl=9.9, ms=5))
     assert main(["report", paths["old"], paths["new"], "--max-ppl-increase", "0%",

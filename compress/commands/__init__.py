@@ -23,7 +23,8 @@ def add_eval_options(parser) -> None:
                         help="evaluation windows (default: the corpus protocol, 20 for pydoc)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="evaluation window length (default: the corpus protocol)")
-    parser.add_argument("--batch-size", type=int, default=1, help="evaluation batch size")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="evaluation batch size (default: the recipe's, else 1)")
 
 
 def resolve_dtype(args) -> torch.dtype:
@@ -39,6 +40,8 @@ def apply_eval_options(recipe, args) -> None:
         recipe.evaluation.windows = args.windows
     if args.seq_len is not None:
         recipe.evaluation.seq_len = args.seq_len
-    recipe.evaluation.batch_size = args.batch_size
+    if args.batch_size is not None:
+        recipe.evaluation.batch_size = args.batch_size
+    recipe.evaluation.check()
     if args.corpus:
         recipe.corpus = args.corpus

@@ -1,6 +1,7 @@
 """`compress eval MODEL_OR_DIR [--out results.json]`: perplexity and weight memory."""
 from __future__ import annotations
 
+from compress.checkpoint import check_writable
 from compress.commands import add_eval_options, add_model_options, resolve_dtype
 from compress.commands.quantize import print_summary
 from compress.evaluate.results import write_json
@@ -21,9 +22,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    session = Session.open(args.model, args.corpus or "pydoc", args.device, resolve_dtype(args))
+    if args.out:
+        check_writable(args.out)
     settings = EvaluationSettings(windows=args.windows, seq_len=args.seq_len,
-                                  batch_size=args.batch_size)
+                                  batch_size=1 if args.batch_size is None else args.batch_size)
+    session = Session.open(args.model, args.corpus or "pydoc", args.device, resolve_dtype(args))
     recipe = session.loaded.provenance.get("recipe")
     # A pruned checkpoint's sparsity and structure, as recorded when it was written.
     results = evaluate(session, session.loaded.model, settings, recipe,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from compress.checkpoint import atomic_output_dir, check_output
-from compress.errors import UserError
+from compress.checkpoint import atomic_output_dir, check_output, check_writable
+from compress.errors import UserError, user_error_on
 from compress.evaluate.results import read_json
 from compress.reports import html_report, markdown_report, write_report_files
 from compress.reports.gate import Thresholds, check, parse_percent
@@ -101,6 +101,8 @@ def run(args) -> int:
     limits = thresholds(args)
     if args.out and _is_folder(args.out):
         check_output(args.out, args.overwrite)
+    elif args.out:
+        check_writable(args.out)
     paths = expand_paths(args.results)
     results = [load_results(p) for p in paths]
     baseline = load_results(args.baseline) if args.baseline else None
@@ -160,7 +162,8 @@ def _same_file(a: str, b: str) -> bool:
 
 def write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    with user_error_on(f"cannot write {path}", OSError):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)

@@ -44,32 +44,32 @@ def check(name: str, base: dict, new: dict, t: Thresholds) -> list[str]:
     bm, nm = base["metrics"], new["metrics"]
     if t.max_ppl_increase_pct is not None:
         change = 100 * (nm["perplexity"] / bm["perplexity"] - 1)
-        if change > t.max_ppl_increase_pct:
+        if not change <= t.max_ppl_increase_pct:  # NaN (a broken model) fails too
             broken.append(f"{name}: perplexity {change:+.2f}% > allowed "
                           f"+{t.max_ppl_increase_pct:g}% ({bm['perplexity']:.4f} -> "
                           f"{nm['perplexity']:.4f})")
     if t.max_kl is not None:
         kl = _metric(nm, "kl_divergence", name, "--max-kl", "evaluate it in a sweep (KL needs "
                      "the baseline in the same run)")
-        if kl > t.max_kl:
-            broken.append(f"{name}: KL divergence {kl:.5f} > allowed {t.max_kl:g}")
+        if not kl <= t.max_kl:
+            broken.append(f"{name}: KL divergence {kl:.3g} > allowed {t.max_kl:g}")
     if t.min_top1_agreement is not None:
         agree = _metric(nm, "top1_agreement", name, "--min-top1-agreement",
                         "evaluate it in a sweep")
-        if agree < t.min_top1_agreement:
+        if not agree >= t.min_top1_agreement:
             broken.append(f"{name}: top-1 agreement {agree:.4f} < required "
                           f"{t.min_top1_agreement:g}")
     if t.min_decode_speedup is not None:
         batch, b_ms, n_ms = _decode(base, new, name, t.decode_batch)
         speedup = b_ms / n_ms
-        if speedup < t.min_decode_speedup:
+        if not speedup >= t.min_decode_speedup:
             broken.append(f"{name}: decode speed-up {speedup:.3f}x < required "
                           f"{t.min_decode_speedup:g}x at batch {batch} ({b_ms:.3f} -> "
                           f"{n_ms:.3f} ms/token on {speed_device(new['metrics']['speed'])})")
     if t.min_prefill_speedup is not None:
         shape, b_tps, n_tps = _prefill(base, new, name)
         speedup = n_tps / b_tps
-        if speedup < t.min_prefill_speedup:
+        if not speedup >= t.min_prefill_speedup:
             broken.append(f"{name}: prefill speed-up {speedup:.3f}x < required "
                           f"{t.min_prefill_speedup:g}x at {shape} ({b_tps:,.0f} -> {n_tps:,.0f} "
                           f"tokens/s on {speed_device(new['metrics']['speed'])})")

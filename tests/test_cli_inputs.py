@@ -1,0 +1,83 @@
+"""Bad files and values given to the CLI end as one line and exit code 2, before any work, and
+never cost the user a file: unreadable corpora, corrupt checkpoints, unwritable outputs,
+recipe names that are not file names, an --out that holds an input."""
+import json
+import os
+
+import pytest
+
+from compress.cli import main
+
+EVAL = ["--windows", "2", "--seq-len", "64"]
+
+
+def _files(root):
+    (root / "latin.txt").write_bytes(b"caf\xe9 " * 50)
+    (root / "bad.jsonl").write_text("{not json\n")
+    (root / "num.jsonl").write_text('{"text": 5}\n')
+    (root / "bad.gguf").write_text("not a gguf file")
+    (root / "afile").write_text("x")
+    (root / "ck").mkdir()
+    (root / "ck" / "compress.json").write_text("{}")
+    (root / "ck" / "config.json").write_text("{}")
+    for name, recipe in {"escape": "name: ../escaped\npasses:\n  - {pass: rtn}\n",
+                         "reserved": "name: baseline\npasses:\n  - {pass: rtn}\n",
+                         "listpass": "passes:\n  - {pass: [rtn]}\n",
+                         "intmodel": "model: 123\npasses:\n  - {pass: rtn}\n"}.items():
+        (root / f"{name}.yaml").write_text(recipe)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "random:tiny", "--batch-size", "0"], "evaluation batch_size must be an integer >= 1"),
+    (["eval", "random:tiny", "--seq-len", "1"], "evaluation seq_len must be an integer >= 2"),
+    (["quantize", "random:tiny", "--method", "rtn", "--seq-len", "0", "--eval", "--out", "X"],
+     "evaluation seq_len must be an integer >= 2, got 0"),
+    (["quantize", "random:tiny", "--method", "rtn", "--out", "afile/X"], "afile is not a folder"),
+    (["eval", "random:tiny", "--out", "afile/r.json"], "afile is not a folder"),
+    (["eval", "random:tiny", "--corpus", "latin.txt"],
+     "'latin.txt' is not valid txt: 'utf-8' codec can't decode"),
+    (["eval", "random:tiny", "--corpus", "bad.jsonl"], "'bad.jsonl' is not valid jsonl"),
+    (["eval", "random:tiny", "--corpus", "num.jsonl"], "every 'text' value must be a string"),
+    (["eval", "ck"], "checkpoint ck is incomplete or corrupt"),
+    (["eval", "bad.gguf"], "could not read GGUF file bad.gguf"),
+    (["sweep", "escape.yaml", "--model", "random:tiny", "--out", "X"],
+     "recipe name '../escaped' must be letters"),
+    (["sweep", "reserved.yaml", "--model", "random:tiny", "--out", "X"], "not baseline or failures"),
+    (["run", "listpass.yaml", "--model", "random:tiny", "--out", "X"], "unknown pass ['rtn']"),
+    (["run", "intmodel.yaml", "--out", "X"], "model must be a model source string"),
+])
+def test_bad_files_and_values_are_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    _files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert sorted(os.listdir(tmp_path)) == before        # nothing written, nothing left over
+
+
+def test_overwrite_never_deletes_an_input_or_the_current_folder(tmp_path, capsys, monkeypatch):
+    nest = tmp_path / "nest"
+    src = nest / "src"
+    assert main(["quantize", "random:tiny", "--method", "rtn", "--bits", "8",
+                 "--out", str(src)]) == 0
+    cases = [
+        (["prune", str(src), "--method", "magnitude", "--out", str(nest)], "holds the input"),
+        (["quantize", str(src), "--method", "rtn", "--out", str(src)], "holds the input"),
+        (["quantize", "random:tiny", "--method", "rtn", "--out", "."], "holds the current folder"),
+    ]
+    monkeypatch.chdir(nest)
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main([*argv, "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+    assert (src / "compress.json").exists() and (src / "model.safetensors").exists()
+
+
+def test_the_recipe_evaluation_batch_size_is_kept_without_the_flag(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - {pass: rtn, bits: 8}\nevaluation: {batch_size: 2}\n")
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--model", "random:tiny", "--out", str(out), *EVAL]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["recipe"]["evaluation"]["batch_size"] == 2
