@@ -39,6 +39,7 @@ def _files(root):
     (["eval", "random:tiny", "--corpus", "bad.jsonl"], "'bad.jsonl' is not valid jsonl"),
     (["eval", "random:tiny", "--corpus", "num.jsonl"], "every 'text' value must be a string"),
     (["eval", "ck"], "checkpoint ck is incomplete or corrupt"),
+    (["report", "ck"], "checkpoint 'ck' has no results.json (written without --eval)"),
     (["eval", "bad.gguf"], "could not read GGUF file bad.gguf"),
     (["sweep", "escape.yaml", "--model", "random:tiny", "--out", "X"],
      "recipe name '../escaped' must be letters"),

@@ -56,6 +56,9 @@ def expand_paths(paths: list[str]) -> list[str]:
     out = []
     for path in paths:
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "results.json")):
+            if os.path.isfile(os.path.join(path, "compress.json")):
+                raise UserError(f"checkpoint {path!r} has no results.json (written without "
+                                f"--eval); evaluate it: compress eval {path} --out FILE.json")
             names = sorted((n for n in os.listdir(path)
                             if n.endswith(".json") and n != "failures.json"),  # a sweep's log
                            key=lambda n: (n != "baseline.json", n))

@@ -37,8 +37,9 @@ def run(args) -> int:
     apply_eval_options(recipe, args)
     do_eval = args.eval and recipe.evaluation.enabled
     if recipe.bench is not None and not do_eval:
+        why = "drop --no-eval" if not args.eval else "set the recipe's evaluation.enabled: true"
         raise UserError("the recipe asks for a benchmark, which is reported beside the "
-                        "evaluation; drop --no-eval (or the recipe's bench section)")
+                        f"evaluation; {why} (or drop the recipe's bench section)")
     session = Session.open(recipe.model, recipe.corpus, args.device, resolve_dtype(args))
     measure, extra = None, {}
     if recipe.bench is not None:
