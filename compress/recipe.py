@@ -155,7 +155,7 @@ def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
     passes = data.get("passes")
     if not isinstance(passes, list) or not passes:
         raise UserError(f"{where}: 'passes' must be a non-empty list of {{pass: NAME, ...fields}}")
-    if not isinstance(data.get("model", ""), str):
+    if data.get("model") is not None and not isinstance(data["model"], str):
         raise UserError(f"{where}: model must be a model source string such as smollm2-135m, "
                         f"got {data['model']!r}")
     return Recipe(
