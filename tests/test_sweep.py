@@ -116,3 +116,16 @@ def test_report_takes_speed_from_a_sweep_of_the_same_recipes_on_another_model(tm
                  *EVAL, *BENCH]) == 0
     assert main(["report", str(quality), "--speed-from", str(other)]) == 2
     assert "timed a model of" in capsys.readouterr().err
+
+
+def test_a_recipe_that_does_not_fit_the_model_keeps_the_others(tmp_path, capsys):
+    # Group size 48 does not divide tiny's width of 64: found only when the pass runs, after
+    # the baseline and the first recipe were measured. They stay; the exit code says bad input.
+    misfit = tmp_path / "g48.yaml"
+    misfit.write_text(yaml.safe_dump({"passes": [{"pass": "rtn", "bits": 4, "group_size": 48}]}))
+    out = tmp_path / "sweep"
+    assert main(["sweep", _recipes(tmp_path)[0], str(misfit), "--model", "random:tiny",
+                 "--out", str(out), *EVAL]) == 2
+    assert "error: recipe g48 failed: bad input: group size 48" in capsys.readouterr().out
+    assert {"baseline.json", "int8.json", "failures.json"} <= set(os.listdir(out))
+    assert "g48" in json.loads((out / "failures.json").read_text())

@@ -176,7 +176,12 @@ def run(args) -> int:
     print(f"wrote {args.out}")
     for name, reason in failures.items():
         print(f"error: recipe {name} failed: {reason}")
+    if any(reason.startswith(BAD_INPUT) for reason in failures.values()):
+        return 2
     return 1 if failures else 0
+
+
+BAD_INPUT = "bad input"
 
 
 def sweep(session: Session, recipes: list, measure: Measure, folder: str, cache_bytes: int,
@@ -197,10 +202,11 @@ def sweep(session: Session, recipes: list, measure: Measure, folder: str, cache_
         progress.set_postfix_str(recipe.name)
         try:
             result = measure_recipe(session, recipe, measure, reference)
-        except UserError:
-            raise
         except Exception as exc:  # one recipe's failure must not lose the others' measurements
-            failures[recipe.name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            # A recipe that does not fit the model (a group size that does not divide a
+            # width) is bad input: named as such, and the sweep exits 2 once it is written.
+            kind = BAD_INPUT if isinstance(exc, UserError) else type(exc).__name__
+            failures[recipe.name] = f"{kind}: {exc}".splitlines()[0][:300]
             progress.write(f"{recipe.name}: FAILED, {failures[recipe.name]}")
         else:
             write_json(result, os.path.join(folder, f"{recipe.name}.json"))
