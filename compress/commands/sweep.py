@@ -21,6 +21,9 @@ from compress.pipeline import Session, compress_model, evaluate, evaluation_wind
 from compress.recipe import BenchSettings, load_recipe
 from compress.reports import markdown_report, write_report_files
 
+# How a recipe's failure is labelled when its input was bad (a UserError): the sweep exits 2.
+BAD_INPUT = "bad input"
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -179,9 +182,6 @@ def run(args) -> int:
     if any(reason.startswith(BAD_INPUT) for reason in failures.values()):
         return 2
     return 1 if failures else 0
-
-
-BAD_INPUT = "bad input"
 
 
 def sweep(session: Session, recipes: list, measure: Measure, folder: str, cache_bytes: int,
