@@ -107,7 +107,9 @@ class TaskRunner:
 
 
 def task_scores(out: dict) -> dict:
-    """lm-eval's results ('acc,none': 0.5, 'acc_stderr,none': 0.1) as {'acc': .5, 'acc_stderr': .1}."""
+    """lm-eval's results ('acc,none': 0.5, 'acc_stderr,none': 0.1) as {'acc': .5, 'acc_stderr': .1};
+    filtered ones ('exact_match,strict': 1.0, 'exact_match_stderr,strict': .2) as
+    {'exact_match[strict]': 1.0, 'exact_match[strict]_stderr': .2}."""
     scores = {}
     for task, metrics in out["results"].items():
         row = {}
@@ -115,7 +117,13 @@ def task_scores(out: dict) -> dict:
             metric, _, filt = key.partition(",")
             if not filt or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue  # alias, name, sample_len; 'N/A' stderr
-            row[metric if filt == "none" else f"{metric}[{filt}]"] = float(value)
+            if filt == "none":
+                name = metric
+            elif metric.endswith("_stderr"):  # the metric's own error bar: 'em[strict]_stderr'
+                name = f"{metric.removesuffix('_stderr')}[{filt}]_stderr"
+            else:
+                name = f"{metric}[{filt}]"
+            row[name] = float(value)
         if task in out.get("n-samples", {}):
             row["samples"] = out["n-samples"][task]["effective"]
         if task in out.get("versions", {}):

@@ -82,9 +82,11 @@ def test_missing_folder_or_data_file_is_a_user_error(tmp_path):
 
 def test_scores_flatten_lm_eval_keys():
     out = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A",
-                             "exact_match,strict": 1.0}},
+                             "exact_match,strict": 1.0, "exact_match_stderr,strict": 0.2}},
            "n-samples": {"t": {"original": 9, "effective": 4}}, "versions": {"t": 1.0}}
-    assert task_scores(out) == {"t": {"acc": 0.5, "exact_match[strict]": 1.0, "samples": 4,
+    # A filtered metric's stderr stays its error bar (the report pairs 'X' with 'X_stderr').
+    assert task_scores(out) == {"t": {"acc": 0.5, "exact_match[strict]": 1.0,
+                                      "exact_match[strict]_stderr": 0.2, "samples": 4,
                                       "version": 1.0}}
 
 

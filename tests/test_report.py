@@ -211,3 +211,83 @@ def test_a_sweep_folder_stands_for_its_json_files(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["report", str(empty)]) == 2
+
+
+def test_plot_labels_stay_in_the_order_of_their_points():
+    """Two recipes at one size a few pixels apart: the upper point's name is above the lower
+    one's, and a label moved off its point is tied to it by a leader line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from compress.reports.plots import _label
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x, y, names = [173.1, 173.1, 220.2, 90.0], [14.719, 14.875, 12.43, 30.0], ["gptq", "awq", "i8", "x"]
+    ax.scatter(x, y)
+    ax.set_ylim(0, 400)                       # 14.7 and 14.9 are under a pixel apart
+    _label(ax, fig, x, y, names)
+    text_y = {}
+    for note in ax.texts:
+        point_y = ax.transData.transform(note.xy)[1]
+        text_y[note.get_text()] = point_y + note.xyann[1]
+        assert (note.arrow_patch is not None) == (note.xyann[1] != -6), note.get_text()
+    assert text_y["awq"] > text_y["gptq"]
+    assert ax.texts[[t.get_text() for t in ax.texts].index("x")].arrow_patch is None
+
+
+def test_speed_is_not_borrowed_from_two_runs_at_once():
+    from compress.errors import UserError
+    from compress.reports.speed_source import attach_speed
+
+    quality = [result(), result("int4")]
+    run1 = [("run1/baseline.json", result(ms=10)), ("run1/int4.json", result("int4", ms=8))]
+    run2 = [("run2/baseline.json", result(ms=12)), ("run2/int4.json", result("int4", ms=9))]
+    with pytest.raises(UserError, match="run1/baseline.json and run2/baseline.json both time"):
+        attach_speed(quality, run1 + run2)
+    assert attach_speed(quality, run1) == []
+
+
+def test_a_baseline_given_apart_is_a_row_and_is_told_by_identity_not_name(tmp_path):
+    # CI: the same recipe against its earlier run. The new run must get a verdict, and the row
+    # its deltas are against must be in the tables.
+    old, new = result("int4", ppl=10.0, ms=10), result("int4", ppl=10.2, ms=20)
+    frame = results_frame([new], old)
+    assert list(frame["name"]) == ["int4 (baseline)", "int4"]
+    assert list(frame["speed_verdict"]) == ["baseline", "slower"]
+    assert frame["decode_speedup_b1"].iloc[1] == pytest.approx(0.5)
+    text = markdown_report([new], old)
+    assert "| int4 (baseline) |" in text and "| int4 | slower |" in text
+
+
+def test_speed_from_other_machines_or_runtime_options_is_not_compared():
+    from compress.errors import UserError
+
+    old, new = result(ms=10), result("int4", ms=8)
+    new["metrics"]["speed"]["gpu"] = "NVIDIA H200"
+    with pytest.raises(UserError, match="different machines"):
+        results_frame([old, new])
+    new = result("int4", ms=8)
+    new["protocol"]["speed"] = dict(SPEED_PROTOCOL, tune_kernels=True)
+    with pytest.raises(UserError, match="speed figures measured on different protocols"):
+        results_frame([old, new])
+    new["protocol"]["speed"] = dict(SPEED_PROTOCOL, tune_kernels=False)  # absent means off
+    assert len(results_frame([old, new])) == 2
+
+
+def test_the_speed_note_comes_from_a_timed_result_when_the_baseline_was_not_timed():
+    text = markdown_report([result("int4", ms=8)], result())
+    assert "decode prompt 512, 128 new tokens" in text and "prompt None" not in text
+
+
+def test_task_scores_compare_only_on_the_same_items():
+    from compress.errors import UserError
+
+    old, new = result(tasks=0.5), result("int4", tasks=0.4)
+    old["protocol"]["tasks"].update(names=["t", "u"], data_files={"t": {"path": "a", "sha256": "1"}})
+    new["protocol"]["tasks"].update(names=["u", "t"], data_files={"t": {"path": "b", "sha256": "1"}})
+    assert len(results_frame([old, new])) == 2        # order of names and file paths do not matter
+    new["protocol"]["tasks"]["data_files"]["t"]["sha256"] = "2"
+    with pytest.raises(UserError, match="tasks figures measured on different protocols"):
+        results_frame([old, new])

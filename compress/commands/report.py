@@ -167,6 +167,6 @@ def write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with user_error_on(f"cannot write {path}", OSError):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:  # the tables hold Δ and ±
             handle.write(text)
         os.replace(tmp, path)

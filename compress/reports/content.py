@@ -8,13 +8,13 @@ import math
 
 import pandas as pd
 
-from compress.reports.frame import pick_baseline, results_frame, speed_shapes, task_columns
+from compress.reports.frame import results_frame, speed_shapes, task_columns, with_baseline
 from compress.reports.verdict import NOISE, shape_speedups, verdict
 
 
 def report_blocks(results: list[dict], baseline: dict | None = None, title: str = "",
                   plots: bool = True) -> list[tuple]:
-    base = pick_baseline(results, baseline)
+    results, base = with_baseline(results, baseline)
     frame = results_frame(results, base)
     blocks: list[tuple] = [("h", 1, title or "Comparison")]
     blocks += _setup(results, base)
@@ -30,7 +30,7 @@ def report_blocks(results: list[dict], baseline: dict | None = None, title: str 
         blocks.append(("p", _task_note(base)))
     prefill, batches = speed_shapes(frame)
     if batches or prefill:
-        blocks += [("h", 2, "Speed"), *_speed_blocks(frame, base, prefill, batches),
+        blocks += [("h", 2, "Speed"), *_speed_blocks(frame, base, results, prefill, batches),
                    _verdict_table(frame, prefill, batches), ("p", VERDICT_NOTE),
                    _kernel_table(results)]
     if plots:
@@ -108,7 +108,7 @@ def _task_table(frame: pd.DataFrame, tasks: list[tuple[str, str]]) -> tuple:
             key = f"task:{task}:{metric}"
             value, err = r.get(key, math.nan), r.get(f"{key}_stderr", math.nan)
             cell = fmt(value, 3) + (f" ± {err:.3f}" if _num(err) else "")
-            if r["name"] != "baseline" and _num(r.get(f"{key}_delta", math.nan)):
+            if not r["is_baseline"] and _num(r.get(f"{key}_delta", math.nan)):
                 cell += f" ({r[key + '_delta']:+.3f})"
             cells.append(cell)
         rows.append(cells)
@@ -137,7 +137,7 @@ def runtime_options(proto: dict) -> str:
     return f"{proto.get('compile')}" + (f" ({', '.join(extras)})" if extras else "")
 
 
-def _speed_blocks(frame, base, prefill, batches) -> list[tuple]:
+def _speed_blocks(frame, base, results, prefill, batches) -> list[tuple]:
     headers = ["recipe", "measured on"]
     for shape in prefill:
         headers += [f"prefill {shape} tok/s", "speed-up"]
@@ -154,7 +154,10 @@ def _speed_blocks(frame, base, prefill, batches) -> list[tuple]:
             cells += [fmt(r.get(f"decode_ms_b{b}"), 3), fmt(r.get(f"decode_tok_s_b{b}"), 1),
                       fmt(r.get(f"decode_speedup_b{b}"), 2), fmt(r.get(f"roofline_pct_b{b}"), 1)]
         rows.append(cells)
-    proto = base["protocol"].get("speed") or {}
+    # The speed protocol is one for every timed result (check_comparable); the baseline may
+    # have been evaluated without a benchmark.
+    proto = next((r["protocol"]["speed"] for r in [base, *results]
+                  if r["protocol"].get("speed")), {})
     note = (f"compress engine (static KV cache, own token loop): decode prompt "
             f"{proto.get('prompt')}, {proto.get('new_tokens')} new tokens, greedy, no early stop; "
             f"median of {proto.get('repeats')} after {proto.get('warmup')} warm-up; compile "

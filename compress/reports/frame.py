@@ -18,6 +18,10 @@ MB = 1e6
 PROTOCOL_KEYS = ("corpus", "eval_seq_len", "eval_windows", "dtype")
 TASK_PROTOCOL_KEYS = ("names", "limit", "num_fewshot")
 SPEED_PROTOCOL_KEYS = ("batches", "prompt", "new_tokens", "prefill", "compile", "device")
+# Runtime options of a speed run: results written before an option existed lack it, which means
+# it was off (compared as `value or None`).
+SPEED_OPTION_KEYS = ("tune_kernels", "compile_prefill", "semi_structured", "fuse_projections",
+                     "gqa_decode", "kernel_choices")
 
 
 def pick_baseline(results: list[dict], baseline: dict | None = None) -> dict:
@@ -27,11 +31,24 @@ def pick_baseline(results: list[dict], baseline: dict | None = None) -> dict:
     return baseline or next((r for r in results if not r.get("recipe")), results[0])
 
 
-def results_frame(results: list[dict], baseline: dict | None = None) -> pd.DataFrame:
+def with_baseline(results: list[dict], baseline: dict | None = None
+                  ) -> tuple[list[dict], dict]:
+    """(the results with the baseline among them, first when it was given apart; the baseline).
+    Every table shows the row its deltas are against."""
     base = pick_baseline(results, baseline)
+    return (results if any(r is base for r in results) else [base, *results]), base
+
+
+def results_frame(results: list[dict], baseline: dict | None = None) -> pd.DataFrame:
+    """One row per result; `is_baseline` marks the baseline by identity, not by name (a CI gate
+    compares a recipe against an earlier run of the same recipe)."""
+    results, base = with_baseline(results, baseline)
     check_comparable(base, results)
     frame = pd.DataFrame([row(r) for r in results])
+    frame["is_baseline"] = [r is base for r in results]
     b = row(base)
+    if b["name"] != "baseline":  # a recipe as the baseline: say which row it is
+        frame.loc[frame["is_baseline"], "name"] = f"{b['name']} (baseline)"
     frame["ppl_delta_pct"] = 100 * (frame["perplexity"] / b["perplexity"] - 1)
     frame["weight_ratio"] = b["weight_mb"] / frame["weight_mb"]
     frame["linear_ratio"] = b["linear_mb"] / frame["linear_mb"]
@@ -45,7 +62,7 @@ def results_frame(results: list[dict], baseline: dict | None = None) -> pd.DataF
     if prefill or batches:
         frame["speed_verdict"] = [
             verdict(shape_speedups(r, prefill, batches), r["weight_ratio"])[3]
-            if r["name"] != b["name"] else "baseline" for r in frame.to_dict("records")]
+            if not r["is_baseline"] else "baseline" for r in frame.to_dict("records")]
     for column in [c for c in frame.columns if c.startswith("task:") and
                    not c.endswith("_stderr")]:
         frame[column + "_delta"] = frame[column] - b.get(column, math.nan)
@@ -97,14 +114,34 @@ def check_comparable(base: dict, results: list[dict]) -> None:
         if got != want:
             raise UserError(f"results measured on different protocols cannot be compared: "
                             f"{want} vs {got}")
-    for section, keys in (("tasks", TASK_PROTOCOL_KEYS), ("speed", SPEED_PROTOCOL_KEYS)):
+    for section, keys in (("tasks", TASK_PROTOCOL_KEYS), ("speed", SPEED_PROTOCOL_KEYS),
+                          ("speed", SPEED_OPTION_KEYS)):
         ref = base["protocol"].get(section)
         for r in results:
             other = r["protocol"].get(section)
-            if ref and other and any(ref.get(k) != other.get(k) for k in keys):
+            if ref and other and _compared(ref, keys) != _compared(other, keys):
                 raise UserError(f"{section} figures measured on different protocols cannot be "
-                                f"compared: { {k: ref.get(k) for k in keys} } vs "
-                                f"{ {k: other.get(k) for k in keys} }")
+                                f"compared: {_compared(ref, keys)} vs {_compared(other, keys)}")
+    machines = {_speed_machine(r["metrics"]["speed"]) for r in [base, *results]
+                if r["metrics"].get("speed")}
+    if len(machines) > 1:
+        raise UserError(f"speed figures measured on different machines cannot be compared: "
+                        f"{', '.join(sorted(machines))}")
+
+
+def _compared(protocol: dict, keys) -> dict:
+    """What must agree: task names as a set, the task data files by content (a pydoc task built
+    from another Python's documentation has other items), a missing option as off."""
+    out = {k: protocol.get(k) or None for k in keys}
+    if "names" in keys:
+        out["names"] = sorted(out["names"] or [])
+        out["data_files"] = {name: f.get("sha256")
+                             for name, f in (protocol.get("data_files") or {}).items()}
+    return out
+
+
+def _speed_machine(speed: dict) -> str:
+    return speed.get("gpu") or f"CPU ({speed.get('cpu')}, {speed.get('threads')} threads)"
 
 
 def task_columns(frame: pd.DataFrame) -> list[tuple[str, str]]:

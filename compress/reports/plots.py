@@ -62,7 +62,7 @@ def _scatter(frame: pd.DataFrame, x_col: str, x_label: str, title: str,
         ax.yaxis.set_minor_formatter(ScalarFormatter(useOffset=False))
         ax.yaxis.set_minor_locator(LogLocator(subs=()))
     _label(ax, fig, x, y, names)
-    base = frame.index[frame["name"] == "baseline"]
+    base = frame.index[frame["is_baseline"]]
     if len(base):
         ax.axhline(y[base[0]], color="#2c3e50", linestyle=":", linewidth=1, label="baseline")
     ax.set_xlabel(x_label)
@@ -77,20 +77,31 @@ def _scatter(frame: pd.DataFrame, x_col: str, x_label: str, title: str,
     return buffer.getvalue()
 
 
+# Label offsets tried, in pixels from the point to the label's baseline: centred first, then
+# alternately further down and up (labels are placed from the highest point down, so a lower
+# point's label goes below the labels already there). Recipes of the same size and quality
+# would otherwise print on top of each other.
+LABEL_OFFSETS = (-6, *(-6 + sign * step for step in range(14, 224, 14) for sign in (-1, 1)))
+
+
 def _label(ax, fig, x, y, names) -> None:
-    """Name each point, moving a label up or down past the labels already placed (recipes of
-    the same size and quality would otherwise print on top of each other)."""
+    """Name each point at the first offset whose box overlaps no label placed before. Higher
+    points are placed first, so of two at one size the upper name stays above the lower one;
+    a label moved off its point gets a leader line to it."""
     fig.canvas.draw()  # settle the axes limits, so data -> pixel transforms are final
     placed: list[tuple[float, float, float, float]] = []
-    order = sorted((i for i in range(len(x)) if not math.isnan(x[i])), key=lambda i: (x[i], y[i]))
+    order = sorted((i for i in range(len(x)) if not math.isnan(x[i])),
+                   key=lambda i: (x[i], -y[i]))
     for i in order:
         px, py = ax.transData.transform((x[i], y[i]))
         width, height = 6 * len(names[i]) + 4, 12  # 8 pt at 110 dpi
-        for dy in (4, -14, 16, -26, 28, -38, 40, -50):
+        for dy in LABEL_OFFSETS:
             box = (px + 5, py + dy, px + 5 + width, py + dy + height)
             if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
                        for b in placed):
                 break
         placed.append(box)
-        ax.annotate(names[i], (x[i], y[i]), textcoords="offset pixels", xytext=(5, box[1] - py),
-                    fontsize=8)
+        leader = None if dy == LABEL_OFFSETS[0] else \
+            {"arrowstyle": "-", "lw": 0.5, "color": "#7f8c8d", "shrinkA": 0, "shrinkB": 3}
+        ax.annotate(names[i], (x[i], y[i]), textcoords="offset pixels", xytext=(5, dy),
+                    fontsize=8, arrowprops=leader)

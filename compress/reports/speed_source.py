@@ -39,7 +39,13 @@ def attach_speed(results: list[dict], donors: list[tuple[str, dict]]) -> list[st
     if len(runs) > 1:
         raise UserError("--speed-from: its results come from different machines or speed "
                         "protocols; give one sweep's results")
-    by_key = {recipe_key(d): (path, d) for path, d in timed}
+    by_key = {}
+    for path, donor in timed:
+        key = recipe_key(donor)
+        if key in by_key:  # two runs given together: a speed-up must not mix their baselines
+            raise UserError(f"--speed-from: {by_key[key][0]} and {path} both time "
+                            f"{key[0]}; give one run's results")
+        by_key[key] = (path, donor)
     if ("baseline",) not in by_key:
         raise UserError("--speed-from: no baseline among its results; speed-ups need the "
                         "baseline timed in the same run")
