@@ -205,14 +205,17 @@ def _bench_decode(engine: Engine, cfg: BenchConfig, batch: int, vocab: int, devi
     ids = random_tokens(batch, cfg.prompt, vocab, device, cfg.seed + batch)
     state = {}
 
-    def setup():  # the prefill is not part of the decode figure
+    peak = PeakMemory(device)
+
+    def setup():  # the prefill is not part of the decode figure, in time or in memory
         state["logits"] = engine.prefill(ids)
         state["positions"] = engine.next_positions(cfg.prompt)
+        peak.restart()
 
     def loop():
         engine.decode(state["logits"], state["positions"], cfg.new + 1, stop_on_eos=False)
 
-    with PeakMemory(device) as peak:
+    with peak:
         timing = time_it(loop, device, cfg.warmup, cfg.repeats, setup=setup)
     if kernels is None:  # uncompiled, the loop's last forward was a decode step: read its labels
         kernels = linear_kernels(engine.model)

@@ -1,6 +1,8 @@
 """Weight bytes by component, counting each storage once (tied embeddings are shared)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -91,5 +93,12 @@ def parameter_count(model: nn.Module) -> int:
         for param in module.parameters(recurse=False):
             if id(param) not in seen:
                 seen.add(id(param))
-                count += param.numel()
+                count += _logical_numel(param)
     return count
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    """Elements a parameter stands for: bitsandbytes' 4-bit Params4bit stores two codes per byte
+    (numel counts bytes), its quant_state keeps the weight's shape."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()

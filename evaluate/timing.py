@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -19,6 +20,12 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def on_device(device):
+    """`device` as the current CUDA device: events, streams and graphs go to the current device,
+    so timing `cuda:1` work with cuda:0's events would measure only the launches."""
+    return torch.cuda.device(torch.device(device)) if is_cuda(device) else nullcontext()
+
+
 def time_it(fn: Callable[[], object], device, warmup: int = 2, repeats: int = 5,
             setup: Callable[[], object] | None = None) -> dict:
     """Seconds per call of `fn`: median, min, max and every sample.
@@ -29,16 +36,17 @@ def time_it(fn: Callable[[], object], device, warmup: int = 2, repeats: int = 5,
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        if setup:
-            setup()
-        samples.append(_one(fn, device))
+    with on_device(device):
+        for _ in range(warmup):
+            if setup:
+                setup()
+            fn()
+        synchronize(device)
+        samples = []
+        for _ in range(repeats):
+            if setup:
+                setup()
+            samples.append(_one(fn, device))
     return {"median_s": statistics.median(samples), "min_s": min(samples),
             "max_s": max(samples), "samples_s": samples, "repeats": repeats, "warmup": warmup,
             "clock": "cuda-events" if is_cuda(device) else "perf_counter"}
@@ -62,17 +70,18 @@ def seconds_per_call(call: Callable[[], object], device, calls: int, warmup: int
     timed, clock = run, "back-to-back calls (launch overhead included)"
     if is_cuda(device):
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm up off the default stream, as capture wants
-                run()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
+            with on_device(device):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # warm up off the default stream, as capture wants
+                    run()
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
             timed, clock = graph.replay, "CUDA graph replay"
         except Exception:  # not capturable: time the calls as they are
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
     return time_it(timed, device, warmup, repeats)["median_s"] / calls, clock
 
 
@@ -131,6 +140,12 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
+
+    def restart(self) -> None:
+        """Forget the peak so far (a decode row's prefill, run by its setup, is not decode)."""
+        if is_cuda(self.device):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def __exit__(self, *exc):
         if is_cuda(self.device):

@@ -1,5 +1,7 @@
 """bitsandbytes formats: LLM.int8 against its plain-torch reference, NF4/FP4 on their code books,
 double quantization, exact save/reload, and config errors."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -121,3 +123,20 @@ def test_llm_int8_reference_without_outliers_is_plain_vectorwise_int8():
     assert x.abs().max() < 6.0
     out = llm_int8_reference(x, layer.qweight, layer.scales, 6.0, layer.bias)
     assert _rel(out, linear(x)) < 0.02
+
+
+def test_parameter_count_of_bitsandbytes_4bit_params_is_the_weight_shape(tiny):
+    # Params4bit (transformers' bnb-nf4 peer) holds two codes per byte: numel counts bytes.
+    import bitsandbytes as bnb
+
+    from compress.evaluate.memory import parameter_count
+
+    model = copy.deepcopy(tiny.model)
+    before = parameter_count(model)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        mlp.up_proj.weight = bnb.nn.Params4bit(mlp.up_proj.weight.detach().bfloat16(),
+                                               requires_grad=False, blocksize=64,
+                                               quant_type="nf4").to("cpu")
+        assert mlp.up_proj.weight.numel() < mlp.up_proj.in_features * mlp.up_proj.out_features
+    assert parameter_count(model) == before

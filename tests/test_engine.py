@@ -219,3 +219,13 @@ def test_bench_with_compiled_prefill_reports_its_compile_time(tiny_bench):
     assert doc["protocol"]["compile_prefill"] is True and prefill["compile_s"] > 0
     assert prefill["kernels"]["mlp.down_proj"] == "Linear: torch.nn.functional.linear"
     assert "prefill compiled" in md
+
+
+def test_compiling_the_step_fits_a_short_cache(lively, monkeypatch):
+    # The compile run's own prompt and steps must fit what a benchmark allocated (prompt 4 + 2
+    # new tokens = 6 slots); the compiler itself is not what this checks.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    engine = Engine(lively)
+    for slots in (6, 3, 2):
+        engine.allocate(1, slots)
+        assert engine.compile_decode() >= 0

@@ -49,3 +49,28 @@ def test_torchao_int4_asks_for_tinygemm_packing_where_the_option_exists():
 
     assert peers.torchao_int4_options(Since014) == {"int4_packing_format": "tile_packed_to_4d"}
     assert peers.torchao_int4_options(Before014) == {}
+
+
+def test_hf_rows_run_on_the_static_cache_each_row_needs(monkeypatch):
+    """transformers keeps the longest static cache it allocated as a floor for later calls:
+    without a reset the decode rows would attend over the longest prefill's slots."""
+    from transformers import StaticCache
+
+    from compress.evaluate.bench import BenchConfig
+    from compress.sources import load_random
+
+    lengths = []
+    init = StaticCache.__init__
+
+    def spy(self, *args, **kwargs):
+        lengths.append(kwargs.get("max_cache_len"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(StaticCache, "__init__", spy)
+    model = load_random("tiny").model.eval()
+    cfg = BenchConfig(batches=(1,), prompt=16, new=4, prefill=((1, 200), (2, 50)), warmup=0,
+                      repeats=1)
+    peers.bench_hf_generate(model, cfg, "cpu", {}, compile_auto=False)
+    # Prefill rows: their prompt (the one new token needs no slot); both decode runs: prompt +
+    # new, what the longer one (new + 1 tokens) needs, as our engine allocates.
+    assert lengths == [200, 50, 20, 20]

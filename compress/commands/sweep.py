@@ -124,8 +124,9 @@ class Measure:
             # Last: the engine prepares quantized layers' fast layouts on the model it times.
             row = bench_engine(model, self.bench, self.session.device, name, self.ceilings)
             env = environment()
+            on_gpu = self.session.device.startswith("cuda")  # a CPU run on a GPU host is CPU
             result["metrics"]["speed"] = {
-                **row, "device": self.session.device, "gpu": env["gpu"],
+                **row, "device": self.session.device, "gpu": env["gpu"] if on_gpu else None,
                 "driver": env.get("driver"), "cpu": env["cpu"], "threads": env["threads"],
                 "ceilings": self.ceilings}
             result["protocol"]["speed"] = self.bench.protocol(self.session.device)
