@@ -19,6 +19,7 @@ from torch import nn
 import compress
 from compress.adapters import set_submodule
 from compress.errors import UserError, user_error_on
+from compress.evaluate.results import default_mode
 from compress.formats import FORMATS
 from compress.formats.base import QuantizedLinear
 from compress.prune.common import saved_reports
@@ -77,12 +78,10 @@ def atomic_output_dir(out_dir: str, overwrite: bool):
 
 def _default_permissions(folder: str) -> None:
     """mkdtemp/mkstemp create private files; give the output the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(folder, default_mode(directory=True))
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+        os.chmod(path, default_mode(directory=os.path.isdir(path)))
 
 
 def write_checkpoint(model: nn.Module, tokenizer, folder: str, recipe: dict | None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.errors import UserError, user_error_on
+from compress.errors import UserError, first_line, user_error_on
 from compress.hub import hub_reachable
 
 CORPUS_HELP = ("pydoc, wikitext, random, a local .txt/.jsonl/.parquet file, or a hub dataset "
@@ -146,7 +146,6 @@ def _hub_texts(name: str) -> tuple[str, str]:
         test = datasets.load_dataset(path, config, split="test")
         train = datasets.load_dataset(path, config, split="train")
     except Exception as exc:  # datasets raises many types for an unreachable hub
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"could not load corpus {name!r} from the hub (is it reachable?): {first}; "
-                        f"allowed: {CORPUS_HELP}") from exc
+        raise UserError(f"could not load corpus {name!r} from the hub (is it reachable?): "
+                        f"{first_line(exc)}; allowed: {CORPUS_HELP}") from exc
     return "\n\n".join(test["text"]), "\n\n".join(train["text"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compress.errors import UserError, user_error_on
+from compress.errors import UserError, first_line, user_error_on
 from compress.hub import hub_reachable
 from compress.shapes import SHAPES, llama_config
 
@@ -99,8 +99,7 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> Loaded:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         where = "folder" if local else "hub id (is the Hugging Face hub reachable?)"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load model {source!r} as a {where}: {first_line}; "
+        raise UserError(f"could not load model {source!r} as a {where}: {first_line(exc)}; "
                         f"allowed: {SOURCES_HELP}") from exc
     return Loaded(model, tokenizer, {"loader": "hf-local" if local else "hf-hub"})
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from compress.adapters import adapter_for
+from compress.errors import first_line
 from compress.evaluate.bench import (HF_PEERS, BenchConfig, bench_engine, linear_kernels,
                                      sync_and_free)
 from compress.evaluate.engine import random_tokens
@@ -50,8 +51,7 @@ def run_peer(name: str, model, source: str, cfg: BenchConfig, device, ceil: dict
         row["runner"] += f"; weights by {name.split('-')[0]}"
         return row
     except Exception as exc:  # a peer's failure must not lose the rows already measured
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        return skipped(name, f"failed: {type(exc).__name__}: {first}")
+        return skipped(name, f"failed: {type(exc).__name__}: {first_line(exc)[:200]}")
 
 
 @contextlib.contextmanager

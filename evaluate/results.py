@@ -55,14 +55,19 @@ def write_json(data: dict, path: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, default=str)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; results are not
+        os.chmod(tmp, default_mode())  # mkstemp's file is private; results are not
         with user_error_on(f"cannot write {path}", OSError):
             os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode the umask gives a new file (or folder): mkstemp / mkdtemp make private ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def read_json(path: str) -> dict:
