@@ -4,7 +4,7 @@ from the same forward pass on the same evaluation windows as perplexity.
 
 The reference is computed once per sweep and reused for every recipe. It is never written to disk:
 `Reference` keeps each window's log-probs in memory as float16 when they fit a memory budget
-(SmolLM2: 20 windows x 1023 x 49152 x 2 bytes = 2.06 GB), otherwise it keeps the baseline model
+(SmolLM2: 20 windows x 1023 x 49152 x 2 bytes = 2.01 GB), otherwise it keeps the baseline model
 and recomputes a window's log-probs when asked (one extra baseline forward per window and recipe;
 an 8B model's 128k vocabulary makes a cache of even a few windows too big).
 
