@@ -17,7 +17,7 @@ from compress.evaluate.engine import Engine, random_tokens
 from compress.evaluate.fuse import fuse_projections
 from compress.evaluate.memory import (model_peak, other_resident_bytes, parameter_count,
                                       stored_tensors, weight_bytes)
-from compress.evaluate.profile import profile_phases
+from compress.evaluate.profile import prepare_for_cuda_graphs, profile_phases
 from compress.evaluate.timing import (PeakMemory, calls_per_sample, ceilings, is_cuda,
                                       seconds_per_call, synchronize, time_it)
 from compress.formats.base import drop_kernel_layouts
@@ -103,6 +103,8 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
     for module in model.modules():  # built by earlier forwards (a sweep's perplexity): the
         drop_kernel_layouts(module)  # engine rebuilds them, inside this row's own memory
     resident = other_resident_bytes(weight_bytes(model)["total"], device)
+    if cfg.profile:
+        prepare_for_cuda_graphs(device)
     semi = None
     if cfg.semi_structured and is_cuda(device) and is_2of4_model(model):
         rows = sorted({*cfg.batches, *(batch * length for batch, length in cfg.prefill)})
@@ -252,12 +254,11 @@ def unread_bytes(model: nn.Module, rows: int) -> int:
 
 
 def linear_timer(device):
-    """timer(weight, rows) -> seconds per F.linear of `rows` random rows, timed as the kernel
-    bench times its candidates: how materialize_2of4_where_faster compares dense and 2:4."""
-    def timer(weight: torch.Tensor, rows: int) -> float:
+    """timer(weight, rows) -> (seconds per F.linear of `rows` random rows, clock), timed as the
+    kernel bench times its candidates: how materialize_2of4_where_faster compares dense and 2:4."""
+    def timer(weight: torch.Tensor, rows: int) -> tuple[float, str]:
         x = torch.randn(rows, weight.shape[1], device=device, dtype=weight.dtype)
-        return seconds_per_call(lambda: F.linear(x, weight), device, calls_per_sample(rows), 2,
-                                5)[0]
+        return seconds_per_call(lambda: F.linear(x, weight), device, calls_per_sample(rows), 2, 5)
     return timer
 
 

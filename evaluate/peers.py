@@ -15,6 +15,7 @@ A peer that cannot run becomes a row with `skipped` and the reason, never a sile
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import inspect
 import os
@@ -44,7 +45,7 @@ def run_peer(name: str, model, source: str, cfg: BenchConfig, device, ceil: dict
             peer_model = _load_bnb(name, source) if name.startswith("bnb") else \
                 _load_torchao(name, source, device)
             try:
-                row = bench_engine(peer_model, cfg, device, name, ceil)
+                row = _bench_compiled_else_eager(peer_model, cfg, device, name, ceil)
             finally:
                 del peer_model
                 sync_and_free(device)
@@ -52,6 +53,24 @@ def run_peer(name: str, model, source: str, cfg: BenchConfig, device, ceil: dict
         return row
     except Exception as exc:  # a peer's failure must not lose the rows already measured
         return skipped(name, f"failed: {type(exc).__name__}: {first_line(exc)[:200]}")
+
+
+def _bench_compiled_else_eager(model, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
+    """Our engine on a peer library's model; where its layers cannot be compiled into one graph
+    (bitsandbytes' LLM.int8 checks for outliers on the host in every forward), the row is
+    measured eager and says why, rather than lost."""
+    compiles = cfg.compile or cfg.compile_prefill
+    try:
+        return bench_engine(model, cfg, device, name, ceil)
+    except Exception as exc:
+        if not compiles:
+            raise
+        reason = f"{type(exc).__name__}: {first_line(exc)[:200]}"
+    sync_and_free(device)
+    eager = dataclasses.replace(cfg, compile=False, compile_prefill=False, tune_kernels=False)
+    row = bench_engine(model, eager, device, name, ceil)
+    row["runner"] += f" (eager: compiling failed, {reason})"
+    return row
 
 
 @contextlib.contextmanager

@@ -12,6 +12,19 @@ from compress.evaluate.timing import is_cuda, synchronize
 TOP = 20  # rows kept per phase
 
 
+def prepare_for_cuda_graphs(device) -> None:
+    """Run the profiler once, empty, before the first CUDA graph of the process is recorded:
+    graphs recorded before the profiler's first use can be missing from its trace (pytorch
+    #75504, worked around by torch's own tests with this helper), and the compiled decode step
+    is such a graph."""
+    if is_cuda(device):
+        from torch.profiler import _utils
+
+        init = getattr(_utils, "_init_for_cuda_graphs", None)
+        if init is not None:
+            init()
+
+
 def profile_phases(engine: Engine, prompt: int, decode_steps: int,
                    prefill: tuple[int, int], device, seed: int = 0) -> dict:
     """Profile `decode_steps` decode steps at the engine's current allocation (the last decode

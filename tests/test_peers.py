@@ -27,6 +27,36 @@ def test_a_failing_peer_is_a_skipped_row_with_its_reason(monkeypatch):
     assert row == {"name": "hf", "skipped": "failed: RuntimeError: no kernel image for this GPU"}
 
 
+def test_a_library_peer_that_cannot_compile_is_measured_eager_and_says_why(monkeypatch):
+    """bitsandbytes' LLM.int8 syncs with the host in every forward, so a compiled step fails:
+    the row is measured eager, not lost; a failure without compiling stays a failure."""
+    from compress.evaluate.bench import BenchConfig
+
+    calls = []
+
+    def bench(model, cfg, device, name, ceil):
+        calls.append(cfg.compile)
+        if cfg.compile:
+            raise RuntimeError("Unsupported: data-dependent branch\nmore")
+        return {"name": name, "runner": "compress engine", "compiled": cfg.compile}
+
+    monkeypatch.setattr(peers, "bench_engine", bench)
+    row = peers._bench_compiled_else_eager(None, BenchConfig(compile=True), "cpu", "bnb-int8", {})
+    assert calls == [True, False] and row["compiled"] is False
+    assert row["runner"] == ("compress engine (eager: compiling failed, RuntimeError: "
+                             "Unsupported: data-dependent branch)")
+    calls.clear()
+
+    def out_of_memory(model, cfg, device, name, ceil):
+        calls.append(cfg.compile)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(peers, "bench_engine", out_of_memory)
+    with pytest.raises(RuntimeError):
+        peers._bench_compiled_else_eager(None, BenchConfig(), "cpu", "bnb-int8", {})
+    assert calls == [False]
+
+
 def test_settings_a_peer_changes_are_restored_even_when_it_fails():
     before = (inductor_config.coordinate_descent_tuning, torch.get_float32_matmul_precision())
     with pytest.raises(ValueError):

@@ -75,7 +75,7 @@ def test_where_faster_keeps_dense_sparse_or_both_per_shape_as_measured(tiny_mode
         sparse_copies.add(copy_.data_ptr())
         return copy_
 
-    def timer(weight, rows):
+    def seconds(weight, rows):
         shape, sparse = tuple(weight.shape), weight.data_ptr() in sparse_copies
         c = model.config
         if shape == (c.num_attention_heads * c.head_dim, c.hidden_size):     # q_proj, o_proj
@@ -83,6 +83,9 @@ def test_where_faster_keeps_dense_sparse_or_both_per_shape_as_measured(tiny_mode
         if shape[0] == c.num_key_value_heads * c.head_dim:                   # k_proj, v_proj
             return 0.5 if sparse else 1.0
         return (0.5 if rows >= 256 else 2.0) if sparse else 1.0              # MLP
+
+    def timer(weight, rows):
+        return seconds(weight, rows), "CUDA graph replay"
 
     dense_bytes = weight_bytes(model)["linear"]
     report = materialize_2of4_where_faster(model, [1, 8, 256, 2048], timer, convert=convert)
@@ -106,6 +109,35 @@ def test_where_faster_keeps_dense_sparse_or_both_per_shape_as_measured(tiny_mode
                     for m in (lyr.mlp.gate_proj, lyr.mlp.up_proj, lyr.mlp.down_proj))
     assert weight_bytes(model)["linear"] == dense_bytes + mlp_bytes
     assert unread_bytes(model, 1) == unread_bytes(model, 2048) == mlp_bytes
+
+
+def test_sparse_timed_on_another_clock_than_dense_does_not_win(tiny_model, tokens):
+    """Where the sparse product could not be captured in a CUDA graph (timed with its launches)
+    and the dense one was, or the sparse kernel failed, the times do not compare: dense stays,
+    and the report says which clock timed what."""
+    model = _pruned_model(tiny_model, tokens)
+    copies = set()
+
+    def convert(weight, name):
+        copy_ = weight.detach().clone()
+        copies.add(copy_.data_ptr())
+        return copy_
+
+    def timer(weight, rows):
+        if weight.data_ptr() not in copies:
+            return 1.0, "CUDA graph replay"
+        if rows == 8:
+            raise RuntimeError("no sparse kernel for 8 rows")
+        return 0.1, "back-to-back calls (launch overhead included)"   # looks 10x faster
+
+    report = materialize_2of4_where_faster(model, [8, 2048], timer, convert=convert)
+    assert set(report["linears"].values()) == {"dense"}
+    for shape in report["shapes"].values():
+        assert shape["sparse_from_rows"] is None
+        assert shape["us"][8] == {"dense": 1e6, "sparse": None, "clock": "CUDA graph replay"}
+        assert shape["us"][2048]["sparse"] is None
+        assert shape["us"][2048]["clock"] == ("dense: CUDA graph replay; sparse: back-to-back "
+                                              "calls (launch overhead included)")
 
 
 def test_only_models_whose_every_linear_is_2of4_count_as_2of4(tiny_model, tokens):
@@ -138,7 +170,8 @@ def test_bench_times_a_2of4_model_with_semi_structured_kernels(tokens):
     assert set(shapes) == {"576x576", "192x576", "1536x576", "576x1536"}
     for shape in shapes.values():  # measured at the decode batch and the prefill tokens
         assert set(shape["us"]) == {1, 64} and shape["sparse_from_rows"] in (None, 1, 64)
-        assert all(t["dense"] > 0 and t["sparse"] > 0 for t in shape["us"].values())
+        assert all(t["dense"] > 0 and (t["sparse"] is None or t["sparse"] > 0)
+                   for t in shape["us"].values())
     assert 0 <= row["semi_structured_linears"] <= 7 * 30
 
 
@@ -178,7 +211,7 @@ def test_both_forms_of_a_semi_structured_linear_give_the_dense_logits(tokens):
 
     def sparse_from_256(weight, rows):  # forces the mixed choice on every shape
         sparse = type(weight) not in (torch.Tensor, torch.nn.Parameter)
-        return (0.5 if rows >= 256 else 2.0) if sparse else 1.0
+        return (0.5 if rows >= 256 else 2.0) if sparse else 1.0, "CUDA graph replay"
 
     ids = tokens.repeat(1, 5).cuda()  # 320 tokens
     with torch.no_grad():

@@ -117,3 +117,20 @@ def test_triton_kernels_on_cuda(bits, group_size, symmetric, out_features, in_fe
         ref = _reference(layer, x)
         assert (out - ref).norm() / ref.norm() < 1e-2
         assert layer.kernel == kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group_size,symmetric,out_features,in_features", CASES[:4])
+def test_triton_gemm_keeps_float32_precision_on_cuda(bits, group_size, symmetric, out_features,
+                                                     in_features):
+    """A float32 model's prefill through the GEMM: tl.dot at full precision, not TF32 (which
+    would give about 1e-3 relative error against the float32 reference)."""
+    pytest.importorskip("triton")
+    layer = _layer(bits, group_size, symmetric, out_features, in_features, "cuda", torch.float32)
+    layer.set_kernel("triton")
+    x = torch.randn(300, in_features, device="cuda")
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.kernel == TRITON_GEMM
+    ref = _reference(layer, x)
+    assert (out - ref).norm() / ref.norm() < 1e-5

@@ -133,7 +133,7 @@ def _build_gemm(interpreted: bool):
     def gemm(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_s,
              stride_o, BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_ZEROS: tl.constexpr,
              SYM_ZERO: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = rm < M, rn < N
@@ -164,7 +164,7 @@ def _build_gemm(interpreted: bool):
                 w = (q - zero) * scale.to(tl.float32)[None, :]
             else:  # integers up to 255 in magnitude: exact in bf16; scaled after the sum
                 w = q - zero
-            acc += tl.dot(x, w.to(x.dtype))
+            acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
         if not GROUPED:
             acc = acc * tl.load(s_ptr + rn * stride_s, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -229,7 +229,10 @@ class TritonLinear:
             self.in_features, x.stride(0), codes.stride(0), scales.stride(0), out.stride(0),
             GROUP=self.group_size, BLOCK_M=block_m, BLOCK_N=GEMM_BLOCK_N,
             BLOCK_K=min(self.group_size, GEMM_BLOCK_K_MAX) or GEMM_BLOCK_K,
-            num_warps=8 if block_m == 128 else 4, num_stages=3, **self._flags(zeros))
+            num_warps=8 if block_m == 128 else 4, num_stages=3,
+            # float32 activations: full precision, as the reference; tl.dot's default on NVIDIA
+            # rounds them to TF32 (about 1e-3 relative error)
+            PRECISION="ieee" if x.dtype == torch.float32 else None, **self._flags(zeros))
         return out
 
 

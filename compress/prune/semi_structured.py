@@ -122,21 +122,33 @@ def sparse_wins_from(times: dict[int, tuple[float, float]]) -> int | None:
     return start
 
 
-def _time_or_inf(timer, weight: torch.Tensor, rows: int) -> float:
+def _timed(timer, weight: torch.Tensor, rows: int) -> tuple[float, str | None]:
     try:
         return timer(weight, rows)
     except Exception:  # a row count the sparse kernels refuse (or fail at): they do not win there
-        return float("inf")
+        return float("inf"), None
+
+
+def _compared(dense: tuple[float, str], sparse: tuple[float, str | None]) -> dict:
+    """One row count's timings in microseconds. Sparse counts as not winning (None) where it
+    failed, or was timed on another clock than dense (CUDA-graph replay against back-to-back
+    launches, when capture failed for one of them): those times do not compare."""
+    (d, d_clock), (s, s_clock) = dense, sparse
+    comparable = s_clock == d_clock
+    return {"dense": d * 1e6, "sparse": s * 1e6 if comparable else None,
+            "clock": d_clock if comparable or s_clock is None else f"dense: {d_clock}; "
+                                                                   f"sparse: {s_clock}"}
 
 
 def materialize_2of4_where_faster(model: nn.Module, rows: list[int],
-                                  timer: Callable[[torch.Tensor, int], float],
+                                  timer: Callable[[torch.Tensor, int], tuple[float, str]],
                                   convert: Callable = to_semi_structured) -> dict:
     """Semi-structured weights only where they win, in place. For each shape of linear, the
     first layer's weight is timed dense and sparse at each of `rows` (`timer(weight, rows)` ->
-    seconds per product); every linear of that shape then runs sparse at all rows (a plain
-    sparse weight: smaller), from some row count on (`SemiStructuredLinear`: both weights), or
-    never (left dense). Returns the measurements and the choice per shape and per linear."""
+    (seconds per product, the clock that timed it)); every linear of that shape then runs sparse
+    at all rows (a plain sparse weight: smaller), from some row count on
+    (`SemiStructuredLinear`: both weights), or never (left dense). Returns the measurements and
+    the choice per shape and per linear."""
     linears = [(name, linear, f"{linear.out_features}x{linear.in_features}")
                for name, linear in _checked_2of4_linears(model)]
     shapes: dict[str, dict] = {}
@@ -144,11 +156,11 @@ def materialize_2of4_where_faster(model: nn.Module, rows: list[int],
     for name, linear, shape in linears:
         if shape not in shapes:
             sparse = timed[name] = convert(linear.weight, name)
-            times = {r: (timer(linear.weight, r), _time_or_inf(timer, sparse, r))
-                     for r in sorted(set(rows))}
-            shapes[shape] = {"sparse_from_rows": sparse_wins_from(times),
-                             "us": {r: {"dense": d * 1e6, "sparse": s * 1e6}
-                                    for r, (d, s) in times.items()}}
+            us = {r: _compared(timer(linear.weight, r), _timed(timer, sparse, r))
+                  for r in sorted(set(rows))}
+            times = {r: (t["dense"], float("inf") if t["sparse"] is None else t["sparse"])
+                     for r, t in us.items()}
+            shapes[shape] = {"sparse_from_rows": sparse_wins_from(times), "us": us}
     choices = {}
     for name, linear, shape in linears:
         start = shapes[shape]["sparse_from_rows"]
