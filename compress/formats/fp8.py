@@ -59,7 +59,8 @@ class FP8Linear(RowScaledLinear):
         return scaled_mm_ok(device, self.in_features, self.out_features)
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`torch._scaled_mm` with row-wise scales (also runs, emulated, on CPU in torch >= 2.8).
+        """`torch._scaled_mm` with row-wise scales (on CPU too in recent torch, emulated; torch
+        2.11's CPU version takes per-tensor scales only, and the CPU test then skips).
 
         The weight is [out, in] row-major, so `.t()` is the column-major [in, out] operand cuBLASLt
         wants. Row-wise scaling on CUDA returns bfloat16 only in many torch builds, hence the
