@@ -36,6 +36,17 @@ def check_output(out_dir: str, overwrite: bool) -> None:
     check_writable(out_dir)
 
 
+def check_output_file(path: str, overwrite: bool) -> None:
+    """The same for one file (a results JSON, a report): not a folder, not an existing file
+    unless it may be replaced, writable."""
+    if os.path.isdir(path):
+        raise UserError(f"output {path} is a folder; give a file name, such as "
+                        f"{os.path.join(path, 'results.json')}")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"output {path} exists; pass --overwrite to replace it")
+    check_writable(path)
+
+
 def check_writable(path: str) -> None:
     """Fail before any work when `path` (a file or folder to be written) cannot be created:
     a temporary folder is made and removed where its nearest existing parent is."""

@@ -36,10 +36,15 @@ INPUT_ARGS = ("model", "recipe", "recipes", "results", "baseline", "speed_from",
 
 
 def check_out_holds_no_input(args) -> None:
-    """`--out X --overwrite` replaces X whole: refuse when X is, or holds, something the command
-    reads (the source model, a recipe, the results a report renders) or the current folder."""
+    """`--out X --overwrite` replaces X: refuse when X is, or holds, something the command reads
+    (the source model, a recipe, the results a report renders) or the current folder, or lies
+    inside the source model's folder (a source model is never modified)."""
     out = getattr(args, "out", None)
-    if not out or not getattr(args, "overwrite", False) or not os.path.isdir(out):
+    if out is None:
+        return
+    if not out.strip():
+        raise UserError("--out is empty; give the path of the output to write")
+    if not getattr(args, "overwrite", False) or not os.path.exists(out):
         return
     root = os.path.realpath(out)
     inputs = []
@@ -51,8 +56,14 @@ def check_out_holds_no_input(args) -> None:
         real = os.path.realpath(path)
         if os.path.exists(path) and (real == root or real.startswith(root + os.sep)):
             what = "the current folder" if path is cwd else f"the input {path}"
-            raise UserError(f"--out {out} holds {what}; --overwrite would delete it, choose "
+            held = "is" if real == root else "holds"
+            raise UserError(f"--out {out} {held} {what}; --overwrite would delete it, choose "
                             "another --out")
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and os.path.isdir(model) \
+            and root.startswith(os.path.realpath(model) + os.sep):
+        raise UserError(f"--out {out} lies inside the source model {model}; --overwrite would "
+                        "modify it, choose another --out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"compress {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"compress {args.command}: interrupted; its unfinished outputs were removed",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def build_config(spec: PassSpec, fields: dict):
     known = {f.name: f for f in dataclasses.fields(spec.config_cls)}
     unknown = set(fields) - set(known)
     if unknown:
-        raise UserError(f"unknown field(s) {choices(unknown)} for pass {spec.name!r}; "
-                        f"allowed: {choices(known)}")
+        allowed = f"allowed: {choices(known)}" if known else "it takes no options"
+        raise UserError(f"unknown field(s) {choices(unknown)} for pass {spec.name!r}; {allowed}")
     hints = typing.get_type_hints(spec.config_cls)
     values = {name: coerce(f"{spec.name}.{name}", value, hints[name])
               for name, value in fields.items()}

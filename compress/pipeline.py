@@ -15,6 +15,7 @@ from compress.calibration import CalibrationData
 from compress.checkpoint import atomic_output_dir, write_checkpoint
 from compress.data import (TokenizedCorpus, calibration_samples, eval_defaults, eval_windows,
                            load_corpus)
+from compress.errors import UserError
 from compress.evaluate.divergence import Reference, evaluate_windows
 from compress.evaluate.memory import parameter_count, weight_bytes
 from compress.evaluate.perplexity import perplexity
@@ -50,6 +51,10 @@ def evaluation_windows(session: Session, settings: EvaluationSettings) -> torch.
     seq_len, count = eval_defaults(session.corpus.name)
     seq_len = settings.seq_len or seq_len
     count = settings.windows if settings.windows is not None else count
+    positions = getattr(session.loaded.model.config, "max_position_embeddings", None)
+    if positions and seq_len > positions:
+        raise UserError(f"evaluation windows of {seq_len} tokens exceed the model's {positions} "
+                        f"positions; use --seq-len {positions} or less")
     return eval_windows(session.corpus, seq_len, count)
 
 
@@ -114,6 +119,8 @@ def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite:
     results; extra_json {file name: dict} is written into the same folder, atomically with it.
     """
     resolved = recipe.resolved()
+    if do_eval:  # windows the corpus or the model cannot give fail now, not after compressing
+        evaluation_windows(session, recipe.evaluation)
 
     def produce():
         model, seconds = compress_model(session, recipe)

@@ -135,6 +135,8 @@ def recipe_hash(resolved: dict) -> str:
 
 
 def load_recipe(path: str) -> Recipe:
+    if os.path.isdir(path):
+        raise UserError(f"recipe {path!r} is a folder; give a recipe YAML file (see recipes/)")
     if not os.path.isfile(path):
         raise UserError(f"recipe file {path!r} does not exist")
     try:

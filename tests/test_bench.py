@@ -142,6 +142,12 @@ def test_kernel_choices_reach_the_layers_and_bad_ones_are_refused(tiny_model, ca
     assert all(m._triton is None for m in model.modules() if isinstance(m, QuantizedLinear))
     assert main(["bench", "random:tiny", "--kernel", "int4", "--peers", "none"]) == 2
     assert "FORMAT=KERNEL" in capsys.readouterr().err
+    # A typo is refused even on a model without layers of that format (random:tiny is float).
+    for choice, message in (("int4=bogus", "int4 layers have no kernel 'bogus'; allowed: auto, "
+                                           "fused-gemv, triton"),
+                            ("int5=auto", "unknown format 'int5'; allowed: bnb-fp4")):
+        assert main(["bench", "random:tiny", "--kernel", choice, "--peers", "none"]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_prefill_and_decode_rows_name_the_kernels_their_own_shapes_ran(tiny_model):

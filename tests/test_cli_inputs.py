@@ -46,6 +46,15 @@ def _files(root):
     (["sweep", "reserved.yaml", "--model", "random:tiny", "--out", "X"], "not baseline or failures"),
     (["run", "listpass.yaml", "--model", "random:tiny", "--out", "X"], "unknown pass ['rtn']"),
     (["run", "intmodel.yaml", "--out", "X"], "model must be a model source string"),
+    (["eval", "random:tiny", "--out", "afile"], "output afile exists; pass --overwrite"),
+    (["eval", "random:tiny", "--out", "ck"], "output ck is a folder; give a file name"),
+    (["quantize", "random:tiny", "--method", "rtn", "--out", ""], "--out is empty"),
+    (["quantize", "random:tiny", "--method", "rtn", "--eval", "--windows", "1", "--seq-len",
+      "4096", "--out", "X"], "windows of 4096 tokens exceed the model's 2048 positions"),
+    (["run", "listpass.yaml", "--model", "random:tiny", "--out", "listpass.yaml", "--overwrite"],
+     "--out listpass.yaml is the input listpass.yaml"),
+    (["eval", "ck", "--out", "ck/config.json", "--overwrite"],
+     "--out ck/config.json lies inside the source model ck"),
 ])
 def test_bad_files_and_values_are_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     _files(tmp_path)
@@ -64,8 +73,8 @@ def test_overwrite_never_deletes_an_input_or_the_current_folder(tmp_path, capsys
                  "--out", str(src)]) == 0
     cases = [
         (["prune", str(src), "--method", "magnitude", "--out", str(nest)], "holds the input"),
-        (["quantize", str(src), "--method", "rtn", "--out", str(src)], "holds the input"),
-        (["quantize", "random:tiny", "--method", "rtn", "--out", "."], "holds the current folder"),
+        (["quantize", str(src), "--method", "rtn", "--out", str(src)], "is the input"),
+        (["quantize", "random:tiny", "--method", "rtn", "--out", "."], "is the current folder"),
     ]
     monkeypatch.chdir(nest)
     for argv, message in cases:
@@ -82,3 +91,15 @@ def test_the_recipe_evaluation_batch_size_is_kept_without_the_flag(tmp_path):
     assert main(["run", str(recipe), "--model", "random:tiny", "--out", str(out), *EVAL]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["recipe"]["evaluation"]["batch_size"] == 2
+
+
+def test_an_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
+    from compress.commands import eval as eval_command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_command, "run", interrupted)
+    assert main(["eval", "random:tiny"]) == 130
+    assert capsys.readouterr().err == ("compress eval: interrupted; its unfinished outputs were "
+                                       "removed\n")

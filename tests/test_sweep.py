@@ -126,6 +126,17 @@ def test_a_recipe_that_does_not_fit_the_model_keeps_the_others(tmp_path, capsys)
     out = tmp_path / "sweep"
     assert main(["sweep", _recipes(tmp_path)[0], str(misfit), "--model", "random:tiny",
                  "--out", str(out), *EVAL]) == 2
-    assert "error: recipe g48 failed: bad input: group size 48" in capsys.readouterr().out
+    assert "compress sweep: error: recipe g48 failed: bad input: group size 48" \
+        in capsys.readouterr().err
     assert {"baseline.json", "int8.json", "failures.json"} <= set(os.listdir(out))
     assert "g48" in json.loads((out / "failures.json").read_text())
+    # The report says so, and so does one rendered again from the folder.
+    for report in ((out / "report.md").read_text(), _rendered(out, tmp_path, capsys)):
+        failed = report[report.index("## Failed recipes"):]
+        assert "| g48 | bad input: group size 48" in failed
+
+
+def _rendered(folder, tmp_path, capsys) -> str:
+    assert main(["report", str(folder), "--out", str(tmp_path / "again.md")]) == 0
+    capsys.readouterr()
+    return (tmp_path / "again.md").read_text()

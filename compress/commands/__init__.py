@@ -15,10 +15,11 @@ def add_model_options(parser) -> None:
                         help="float dtype (default: float32 on cpu, bfloat16 on cuda)")
 
 
-def add_eval_options(parser) -> None:
+def add_eval_options(parser, corpus_default: str = "pydoc") -> None:
     parser.add_argument("--corpus", default=None,
-                        help="pydoc (default), wikitext, random (token ids for timing runs), a "
-                             ".txt/.jsonl/.parquet file, or a hub dataset")
+                        help=f"pydoc, wikitext, random (token ids for timing runs), a "
+                             f".txt/.jsonl/.parquet file, or a hub dataset (default: "
+                             f"{corpus_default})")
     parser.add_argument("--windows", type=int, default=None,
                         help="evaluation windows (default: the corpus protocol, 20 for pydoc)")
     parser.add_argument("--seq-len", type=int, default=None,
@@ -45,3 +46,25 @@ def apply_eval_options(recipe, args) -> None:
     recipe.evaluation.check()
     if args.corpus:
         recipe.corpus = args.corpus
+
+
+def add_calibration_options(p) -> None:
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration samples (default: the recipe's, else 64)")
+    p.add_argument("--calib-seq-len", type=int, default=None,
+                   help="tokens per calibration sample (default: the recipe's, else 512)")
+    p.add_argument("--calib-device", default=None,
+                   help="device that calibrates one layer at a time (default: --device); "
+                        "cuda with --device cpu compresses a model larger than the GPU")
+
+
+def apply_calibration_options(recipe, args) -> None:
+    """CLI calibration flags override the recipe's calibration section."""
+    if args.calib_samples is not None:
+        recipe.calibration.samples = args.calib_samples
+    if args.calib_seq_len is not None:
+        recipe.calibration.seq_len = args.calib_seq_len
+    recipe.calibration.check()
+    if args.calib_device:
+        check_device(args.calib_device, "calibration device")
+        recipe.calibration.device = args.calib_device

@@ -8,7 +8,7 @@ import os
 from compress.checkpoint import atomic_output_dir
 from compress.commands import add_model_options, resolve_dtype
 from compress.commands.report import write_text
-from compress.errors import UserError
+from compress.errors import UserError, choices
 from compress.evaluate.bench import PEERS, BenchConfig
 from compress.evaluate.results import write_json
 from compress.recipe import BenchSettings
@@ -107,8 +107,23 @@ def parse_kernel_choices(text: str, what: str = "--kernel") -> tuple[tuple[str, 
         fmt, sep, kernel = item.partition("=")
         if not sep or not fmt.strip() or not kernel.strip():
             raise UserError(f"{what} takes FORMAT=KERNEL pairs, e.g. int4=triton; got {item!r}")
-        pairs.append((fmt.strip(), kernel.strip()))
+        fmt, kernel = fmt.strip(), kernel.strip()
+        check_kernel_choice(fmt, kernel, what)
+        pairs.append((fmt, kernel))
     return tuple(pairs)
+
+
+def check_kernel_choice(fmt: str, kernel: str, what: str) -> None:
+    """A format and kernel that exist, whether or not the model has layers of that format (a
+    typo would otherwise pass silently on a model without them)."""
+    from compress.formats import FORMATS
+
+    if fmt not in FORMATS:
+        raise UserError(f"{what}: unknown format {fmt!r}; allowed: {choices(FORMATS)}")
+    allowed = FORMATS[fmt].kernel_choices
+    if kernel not in allowed:
+        raise UserError(f"{what}: {fmt} layers have no kernel {kernel!r}; allowed: "
+                        f"{choices(allowed)}")
 
 
 def build_bench_config(settings, flag, **extra) -> BenchConfig:

@@ -1,7 +1,7 @@
 """`compress eval MODEL_OR_DIR [--out results.json]`: perplexity and weight memory."""
 from __future__ import annotations
 
-from compress.checkpoint import check_writable
+from compress.checkpoint import check_output_file
 from compress.commands import add_eval_options, add_model_options, resolve_dtype
 from compress.commands.quantize import print_summary
 from compress.evaluate.results import write_json
@@ -16,6 +16,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("model", help="smollm2-135m, random:<shape>, a checkpoint folder, a .gguf "
                                  "file or a hub id")
     p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_eval_options(p)
     add_model_options(p)
     p.set_defaults(run=run)
@@ -23,7 +24,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     if args.out:
-        check_writable(args.out)
+        check_output_file(args.out, args.overwrite)
     settings = EvaluationSettings(windows=args.windows, seq_len=args.seq_len,
                                   batch_size=1 if args.batch_size is None else args.batch_size)
     session = Session.open(args.model, args.corpus or "pydoc", args.device, resolve_dtype(args))

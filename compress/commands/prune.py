@@ -24,8 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8")
     p.add_argument("--profile", default=None, help="per-layer sparsity: uniform (default) or owl")
     p.add_argument("--ratio", type=float, default=None,
-                   help="mlp-channels/heads: fraction of channels/heads to remove")
-    p.add_argument("--drop", type=int, default=None, help="layers: decoder layers to remove")
+                   help="mlp-channels/heads: fraction of channels/heads to remove (default 0.25)")
+    p.add_argument("--drop", type=int, default=None,
+                   help="layers: decoder layers to remove (default 4)")
     add_single_pass_options(p)
     p.set_defaults(run=run)
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
+from compress.commands import (add_calibration_options, add_eval_options, add_model_options,
+                               apply_calibration_options, apply_eval_options, resolve_dtype)
 from compress.checkpoint import check_output
 from compress.errors import UserError, choices
 from compress.passes import build_config, pass_table
 from compress.pipeline import Session, run_recipe
 from compress.recipe import Recipe, load_yaml
-from compress.sources import check_device
 
 # Flags that map one-to-one onto pass config fields (argparse dest == field name).
 PASS_FLAGS = ("bits", "group_size", "symmetric")
@@ -20,13 +20,16 @@ def add_parser(subparsers) -> None:
                               description="Quantize MODEL with one method and write a checkpoint.")
     p.add_argument("model", help="smollm2-135m, random:<shape>, a folder, a .gguf file or a hub id")
     p.add_argument("--method", required=True, help="quantization pass, e.g. rtn")
-    p.add_argument("--bits", type=int, default=None, help="4 or 8")
+    p.add_argument("--bits", type=int, default=None,
+                   help="4 or 8 (default: the method's, 8 for rtn, 4 for gptq and awq)")
     p.add_argument("--group-size", type=int, default=None,
                    help="input columns per scale; 0 = per output channel (default 64 for 4 bits, "
                         "0 for 8 bits)")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="a grid symmetric around zero (the default)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                     help="a grid with a zero point per group")
     add_single_pass_options(p)
     p.set_defaults(run=lambda args: run_single_pass(args, "quantize", PASS_FLAGS))
 
@@ -47,14 +50,6 @@ def add_pass_option(p) -> None:
                    help="any other field of the pass config (YAML value), repeatable")
 
 
-def add_calibration_options(p) -> None:
-    p.add_argument("--calib-samples", type=int, default=None, help="calibration samples (64)")
-    p.add_argument("--calib-seq-len", type=int, default=None, help="tokens per sample (512)")
-    p.add_argument("--calib-device", default=None,
-                   help="device that calibrates one layer at a time (default: --device); "
-                        "cuda with --device cpu compresses a model larger than the GPU")
-
-
 def pass_fields(args, flags) -> dict:
     fields = {flag: getattr(args, flag) for flag in flags if getattr(args, flag, None) is not None}
     for item in args.option:
@@ -73,14 +68,7 @@ def run_single_pass(args: argparse.Namespace, kind: str, flags) -> int:
     check_output(args.out, args.overwrite)
     recipe = Recipe(name=recipe_name(args.method, config), passes=[(args.method, config)],
                     model=args.model)
-    if args.calib_samples is not None:
-        recipe.calibration.samples = args.calib_samples
-    if args.calib_seq_len is not None:
-        recipe.calibration.seq_len = args.calib_seq_len
-    recipe.calibration.check()
-    if args.calib_device:
-        check_device(args.calib_device, "calibration device")
-        recipe.calibration.device = args.calib_device
+    apply_calibration_options(recipe, args)
     apply_eval_options(recipe, args)
     session = Session.open(args.model, recipe.corpus, args.device, resolve_dtype(args))
     results = run_recipe(session, recipe, args.out, args.overwrite, do_eval=args.eval)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from compress.checkpoint import atomic_output_dir, check_output, check_writable
+from compress.checkpoint import atomic_output_dir, check_output, check_output_file
 from compress.errors import UserError, user_error_on
-from compress.evaluate.results import read_json
+from compress.evaluate.results import read_json, write_json
 from compress.reports import html_report, markdown_report, write_report_files
 from compress.reports.gate import Thresholds, check, parse_percent
 from compress.reports.speed_source import attach_speed
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default=None,
                    help="FILE.md (Markdown), FILE.html (self-contained, plots embedded) or a "
                         "folder (report.md, report.html, results.csv, plots); default: print only")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--title", default="", help="report title")
     p.add_argument("--speed-from", nargs="+", default=None, metavar="RESULTS",
                    help="take speed figures from these results instead (a sweep of the same "
@@ -63,11 +63,27 @@ def expand_paths(paths: list[str]) -> list[str]:
                             if n.endswith(".json") and n != "failures.json"),  # a sweep's log
                            key=lambda n: (n != "baseline.json", n))
             if not names:
-                raise UserError(f"folder {path!r} holds neither results.json nor any .json file")
+                nested = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+                hint = f"; give one of its folders ({', '.join(nested[:4])})" if nested else ""
+                raise UserError(f"folder {path!r} holds neither results.json nor any .json "
+                                f"file{hint}")
             out += [os.path.join(path, n) for n in names]
         else:
             out.append(path)
     return out
+
+
+def folder_failures(paths: list[str]) -> dict:
+    """{recipe: reason} from the failures.json of any sweep folder among `paths`."""
+    failures = {}
+    for path in paths:
+        file = os.path.join(path, "failures.json")
+        if os.path.isdir(path) and os.path.isfile(file):
+            try:
+                failures.update(read_json(file))
+            except ValueError as exc:
+                raise UserError(f"{file} is not valid JSON: {exc}") from exc
+    return failures
 
 
 def load_results(path: str) -> dict:
@@ -105,7 +121,7 @@ def run(args) -> int:
     if args.out and _is_folder(args.out):
         check_output(args.out, args.overwrite)
     elif args.out:
-        check_writable(args.out)
+        check_output_file(args.out, args.overwrite)
     paths = expand_paths(args.results)
     results = [load_results(p) for p in paths]
     baseline = load_results(args.baseline) if args.baseline else None
@@ -114,9 +130,10 @@ def run(args) -> int:
         missing = attach_speed(results + ([baseline] if baseline else []), donors)
         if missing:
             print(f"no speed in --speed-from for: {', '.join(missing)}")
-    text = markdown_report(results, baseline, args.title)
+    failures = folder_failures(args.results)
+    text = markdown_report(results, baseline, args.title, failures)
     if args.out:
-        write_output(args.out, results, baseline, args.title, text, args.overwrite)
+        write_output(args.out, results, baseline, args.title, text, args.overwrite, failures)
     print(text)
     if not limits.any():
         return 0
@@ -139,14 +156,17 @@ def run(args) -> int:
     return 1 if broken else 0
 
 
-def write_output(out: str, results, baseline, title: str, markdown: str, overwrite: bool) -> None:
+def write_output(out: str, results, baseline, title: str, markdown: str, overwrite: bool,
+                 failures: dict) -> None:
     if out.endswith(".md"):
         write_text(out, markdown)
     elif out.endswith(".html"):
-        write_text(out, html_report(results, baseline, title))
+        write_text(out, html_report(results, baseline, title, failures))
     else:
         with atomic_output_dir(out, overwrite) as tmp:
-            write_report_files(tmp, results, baseline, title)
+            write_report_files(tmp, results, baseline, title, failures)
+            if failures:  # rendered again from this folder, the report still lists them
+                write_json(failures, os.path.join(tmp, "failures.json"))
 
 
 def _is_folder(out: str) -> bool:
@@ -165,8 +185,12 @@ def _same_file(a: str, b: str) -> bool:
 
 def write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
-    with user_error_on(f"cannot write {path}", OSError):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as handle:  # the tables hold Δ and ±
-            handle.write(text)
-        os.replace(tmp, path)
+    try:
+        with user_error_on(f"cannot write {path}", OSError):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as handle:  # the tables hold Δ and ±
+                handle.write(text)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # nothing half-written is left behind
+            os.unlink(tmp)

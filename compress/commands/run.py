@@ -3,7 +3,8 @@ when the recipe has a `bench` section, time the model before and after (OUT/base
 from __future__ import annotations
 
 from compress.checkpoint import check_output
-from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
+from compress.commands import (add_calibration_options, add_eval_options, add_model_options,
+                               apply_calibration_options, apply_eval_options, resolve_dtype)
 from compress.commands.bench import build_bench_config
 from compress.commands.quantize import print_summary
 from compress.commands.sweep import Measure
@@ -23,7 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-eval", dest="eval", action="store_false",
                    help="skip evaluation even if the recipe asks for it")
-    add_eval_options(p)
+    add_calibration_options(p)
+    add_eval_options(p, corpus_default="the recipe's")
     add_model_options(p)
     p.set_defaults(run=run)
 
@@ -34,6 +36,7 @@ def run(args) -> int:
     if not recipe.model:
         raise UserError(f"recipe {args.recipe} names no model; pass --model")
     check_output(args.out, args.overwrite)
+    apply_calibration_options(recipe, args)
     apply_eval_options(recipe, args)
     do_eval = args.eval and recipe.evaluation.enabled
     if recipe.bench is not None and not do_eval:

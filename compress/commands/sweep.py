@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
 from tqdm.auto import tqdm
 
 from compress.checkpoint import atomic_output_dir, check_output
-from compress.commands import add_eval_options, add_model_options, apply_eval_options, resolve_dtype
+from compress.commands import (add_calibration_options, add_eval_options, add_model_options,
+                               apply_calibration_options, apply_eval_options, resolve_dtype)
 from compress.commands.bench import (add_runtime_switches, build_bench_config, runtime_switches,
                                      switch_flags)
 from compress.errors import UserError
@@ -38,9 +40,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--title", default="", help="report title (default: model and recipes)")
     p.add_argument("--kl-cache-gb", type=float, default=4.0,
                    help="memory for the baseline's float16 log-probs (default 4 GB; SmolLM2 on "
-                        "the pydoc protocol needs 2.1); above it the baseline is recomputed per "
+                        "the pydoc protocol needs 2.0); above it the baseline is recomputed per "
                         "window instead, 0 always recomputes")
-    add_eval_options(p)
+    add_calibration_options(p)
+    add_eval_options(p, corpus_default="the recipes'")
     add_model_options(p)
     t = p.add_argument_group("lm-eval tasks (scored on the in-memory models)")
     t.add_argument("--tasks", default=None, metavar="NAME[,NAME]",
@@ -89,6 +92,7 @@ def load_recipes(args) -> list:
         raise UserError(f"recipe names must be unique and not 'baseline': {', '.join(names)}")
     for recipe in recipes:
         recipe.model = args.model
+        apply_calibration_options(recipe, args)
         apply_eval_options(recipe, args)
     for what, key in (("corpora", lambda r: r.corpus),
                       ("evaluation settings", lambda r: (r.evaluation.windows, r.evaluation.seq_len))):
@@ -175,11 +179,11 @@ def run(args) -> int:
         measure = Measure(args, session, tasks, bench)
         failures = {}
         results = sweep(session, recipes, measure, tmp, int(args.kl_cache_gb * 2**30), failures)
-        write_report_files(tmp, results, title=title)
-    print(markdown_report(results, title=title))
+        write_report_files(tmp, results, title=title, failures=failures)
+    print(markdown_report(results, title=title, failures=failures))
     print(f"wrote {args.out}")
     for name, reason in failures.items():
-        print(f"error: recipe {name} failed: {reason}")
+        print(f"compress sweep: error: recipe {name} failed: {reason}", file=sys.stderr)
     if any(reason.startswith(BAD_INPUT) for reason in failures.values()):
         return 2
     return 1 if failures else 0

@@ -166,12 +166,12 @@ def heads(model: nn.Module, config: HeadsConfig, calib) -> nn.Module:
         remove_kv, remove_q = int(round(config.ratio * n_kv)), 0
         if not 1 <= remove_kv < n_kv:
             raise UserError(f"ratio {config.ratio} removes {remove_kv} of {n_kv} KV groups; "
-                            f"allowed: between 1 and {n_kv - 1} groups")
+                            f"allowed: {_ratio_steps(n_kv, 'KV groups')}")
     else:
         remove_kv, remove_q = 0, int(round(config.ratio * group))
         if not 1 <= remove_q < group:
             raise UserError(f"ratio {config.ratio} removes {remove_q} of {group} query heads per "
-                            f"KV group; allowed: between 1 and {group - 1}")
+                            f"KV group; allowed: {_ratio_steps(group, 'query heads per group')}")
     before = parameter_count(model)
     removed_by_layer = {}
 
@@ -282,3 +282,13 @@ def layers(model: nn.Module, config: DropLayersConfig, calib) -> nn.Module:
         "block_influence": [round(x, 6) for x in influence],
         "parameters_before": before, "parameters_after": parameter_count(model)})
     return model
+
+
+def _ratio_steps(count: int, units: str) -> str:
+    """The ratios that remove 1 to count - 1 of `count` units, for error messages."""
+    if count < 2:
+        return f"none, there is only {count} of the {units}"
+    if count == 2:
+        return f"ratio 0.5 (1 of 2 {units})"
+    return (f"ratio {1 / count:.3g} to {(count - 1) / count:.3g}, in steps of {1 / count:.3g} "
+            f"(1 to {count - 1} of {count} {units})")

@@ -9,20 +9,22 @@ from compress.reports.frame import results_frame
 from compress.reports.render import to_html, to_markdown
 
 
-def markdown_report(results: list[dict], baseline: dict | None = None, title: str = "") -> str:
+def markdown_report(results: list[dict], baseline: dict | None = None, title: str = "",
+                    failures: dict | None = None) -> str:
     """The report as Markdown without plots (for a terminal or a single .md file)."""
-    return to_markdown(report_blocks(results, baseline, title, plots=False))
+    return to_markdown(report_blocks(results, baseline, title, plots=False, failures=failures))
 
 
-def html_report(results: list[dict], baseline: dict | None = None, title: str = "") -> str:
-    return to_html(report_blocks(results, baseline, title))
+def html_report(results: list[dict], baseline: dict | None = None, title: str = "",
+                failures: dict | None = None) -> str:
+    return to_html(report_blocks(results, baseline, title, failures=failures))
 
 
 def write_report_files(folder: str, results: list[dict], baseline: dict | None = None,
-                       title: str = "") -> list[str]:
+                       title: str = "", failures: dict | None = None) -> list[str]:
     """report.md (+ the PNGs it links), report.html (PNGs embedded) and results.csv, written into
     an existing folder (the caller's temporary one); returns the file names."""
-    blocks = report_blocks(results, baseline, title)
+    blocks = report_blocks(results, baseline, title, failures=failures)
     names = ["report.md", "report.html", "results.csv"]
     _write(os.path.join(folder, "report.md"), to_markdown(blocks))
     _write(os.path.join(folder, "report.html"), to_html(blocks))

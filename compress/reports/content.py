@@ -13,11 +13,16 @@ from compress.reports.verdict import NOISE, shape_speedups, verdict
 
 
 def report_blocks(results: list[dict], baseline: dict | None = None, title: str = "",
-                  plots: bool = True) -> list[tuple]:
+                  plots: bool = True, failures: dict | None = None) -> list[tuple]:
+    """`failures` {recipe name: one-line reason}: recipes of a sweep that produced no results,
+    listed so that a table without them does not read as the whole sweep."""
     results, base = with_baseline(results, baseline)
     frame = results_frame(results, base)
     blocks: list[tuple] = [("h", 1, title or "Comparison")]
     blocks += _setup(results, base)
+    if failures:
+        blocks += [("h", 2, "Failed recipes"),
+                   ("table", ["recipe", "why (failures.json)"], sorted(failures.items()))]
     blocks += [("h", 2, "Quality and memory"), _quality_table(frame)]
     blocks.append(("p", "Δ columns are against the baseline row. KL = KL(baseline || model) in "
                    "nats, mean over every predicted position of the evaluation windows; top-1 = "
