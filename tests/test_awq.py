@@ -147,3 +147,36 @@ def test_bad_config_values_are_one_line_errors(fields, message):
     with pytest.raises(UserError) as caught:
         AWQConfig(**fields)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_scale_layer_returns_the_gram_of_the_new_inputs(tiny_model, tokens):
+    """The clip search after the scales works on Gram matrices scaled by 1/s, not on a second
+    forward: each must equal the Gram of the inputs the linears see once the scales are folded."""
+    from compress.quant.awq import scale_layer
+
+    model, adapter = tiny_model, adapter_for(tiny_model)
+    layer = adapter.layers(model)[0]
+    a, m = adapter.attention, adapter.mlp
+    watched = [f"{a}.{adapter.q}", f"{a}.{adapter.o}", f"{m}.{adapter.gate}", f"{m}.{adapter.down}"]
+    with torch.no_grad():
+        hidden = model.get_submodule(adapter.embed_path)(tokens)
+        positions = torch.arange(tokens.shape[1])[None]
+        rotary = model.get_submodule(adapter.rotary_path)(hidden, positions)
+
+        def forward():
+            layer(hidden, position_embeddings=rotary, position_ids=positions)
+
+        def grams_seen(track_abs):
+            stats = {name: InputStats(track_abs=track_abs) for name in watched}
+            collect_linear_inputs({name: layer.get_submodule(name) for name in watched}, forward,
+                                  lambda name, x: stats[name].add(x))
+            return stats
+
+        grams, _ = scale_layer(layer, adapter, grams_seen(True), AWQConfig(bits=4, group_size=32),
+                               foldable_heads(model))
+        after = grams_seen(False)
+    assert set(grams) >= set(watched)
+    for name in watched:
+        expected = after[name].sum_xx
+        torch.testing.assert_close(grams[name], expected, rtol=1e-3,
+                                   atol=1e-3 * float(expected.abs().max()))

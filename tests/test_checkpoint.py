@@ -57,3 +57,18 @@ def test_existing_output_needs_overwrite_and_failure_leaves_nothing(tiny, tmp_pa
 
 def test_rtn_pass_is_registered():
     assert pass_table()["rtn"].config_cls is RTNConfig
+
+
+def test_reload_in_another_dtype_casts_the_float_parameters(tiny, tmp_path):
+    save_checkpoint(tiny.model, tiny.tokenizer, str(tmp_path / "ck"), {"name": "t"},
+                    tiny.provenance)
+    reloaded = load_checkpoint(str(tmp_path / "ck"), torch.bfloat16).model
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+
+
+def test_parameter_count_is_the_same_before_and_after_quantizing(tiny):
+    """Quantized layers count the weights they encode, not their stored bytes or buffers."""
+    from compress.evaluate.memory import parameter_count
+
+    before = parameter_count(tiny.model)
+    assert parameter_count(rtn(tiny.model, RTNConfig(bits=4, group_size=32))) == before

@@ -91,3 +91,25 @@ def test_reference_caches_only_within_its_memory_budget(tiny_model):
     assert size == 2 * 32 * 320 * 2
     assert Reference.plan(tiny_model, windows, max_cache_bytes=size).cache
     assert not Reference.plan(tiny_model, windows, max_cache_bytes=size - 1).cache
+
+
+class _NearTie(torch.nn.Module):
+    """Two next tokens whose logits differ by 1e-4: float16 log-probs cannot tell them apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, use_cache=False):
+        logits = torch.zeros(*ids.shape, 16)
+        logits[..., 3] = 5.0
+        logits[..., 7] = 5.0 + 1e-4
+        return type("Output", (), {"logits": logits})()
+
+
+def test_top1_is_taken_before_the_cache_rounds_the_log_probs():
+    """Agreement of a model with itself is 1 even where the cached float16 copy ties two
+    tokens: the baseline's top-1 is kept from its float log-probs."""
+    model, windows = _NearTie(), torch.randint(0, 16, (2, 8))
+    ref, _ = _baseline(model, windows, cache=True, batch_size=1)
+    assert evaluate_windows(model, windows, 1, "cpu", reference=ref)["top1_agreement"] == 1.0

@@ -111,6 +111,16 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     assert torch.equal(select_tokens(logits, Sampling(), gen), torch.zeros(2000, dtype=torch.long))
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_draws_from_the_softmax_at_the_temperature(temperature):
+    logits = torch.tensor([[2.0, 1.0, 0.0]]).repeat(20000, 1)
+    drawn = select_tokens(logits, Sampling(temperature=temperature),
+                          torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=3).float() / len(drawn)
+    torch.testing.assert_close(frequencies, (logits[0] / temperature).softmax(-1), rtol=0,
+                               atol=0.015)
+
+
 def test_bad_settings_are_user_errors(lively):
     with pytest.raises(UserError):
         Sampling(top_p=0.0)

@@ -155,3 +155,15 @@ def test_fused_gemv_is_the_float32_matmul_with_bias():
     assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 40)
     ref = torch.nn.functional.linear(x.float(), w, b)
     assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_adds_the_bias(dtype):
+    """The CPU kernel path (torch._weight_int8pack_mm) with a bias, as the reference adds it."""
+    linear = _linear(32, 64, bias=True)
+    nn.init.normal_(linear.bias)
+    q = quantized_linear(linear, 8, 0, True).to(dtype)
+    x = torch.randn(1, 64).to(dtype)
+    fast = q(x)
+    assert q.kernel == "torch._weight_int8pack_mm"
+    torch.testing.assert_close(fast.float(), q.reference_forward(x).float(), rtol=2e-2, atol=2e-3)

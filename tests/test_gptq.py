@@ -91,6 +91,27 @@ def test_symmetric_gram_is_bit_identical_to_one_matmul(features):
     assert torch.equal(gram(x), x.T @ x)
 
 
+def test_act_order_quantizes_the_largest_hessian_diagonal_first():
+    """That column sees no error feedback yet, so its codes are plain round-to-nearest ones on
+    the static groups' grid."""
+    x = torch.randn(512, 64) * torch.logspace(-1, 1, 64)
+    h = InputStats.from_input(x).hessian()
+    w = torch.randn(32, 64)
+    codes, scale, zero = gptq_quantize(w, h, 4, 16, True, act_order=True)
+    first = int(torch.argmax(h.diagonal()))
+    assert torch.equal(codes[:, first], grid.quantize(w, scale, zero, 4, 16)[:, first])
+
+
+def test_damping_is_relative_to_the_mean_diagonal():
+    """damp is a fraction of mean(diag H), so scaling the inputs (H by 1e4) scales the inverse
+    factor by 1/100 and leaves GPTQ's result unchanged; an absolute damp would not."""
+    from compress.quant.gptq import inverse_hessian_factor
+
+    h = InputStats.from_input(correlated_inputs(features=64)).hessian()
+    torch.testing.assert_close(inverse_hessian_factor(h * 1e4, 0.01) * 100,
+                               inverse_hessian_factor(h, 0.01), rtol=1e-3, atol=1e-6)
+
+
 def test_dead_columns_get_zero_weights_and_no_nans():
     x, w = correlated_inputs(), random_weight()
     x[:, [5, 70]] = 0.0

@@ -47,3 +47,23 @@ def test_group_size_must_divide_width():
     with pytest.raises(UserError, match="does not divide the input width 576"):
         grid.check_group_size("layer", 576, 128)
     grid.check_group_size("layer", 576, 64)
+
+
+@pytest.mark.parametrize("bits,levels", [(4, 7.5), (8, 127.5)])
+def test_symmetric_scale_spans_the_whole_grid(bits, levels):
+    """The symmetric grid's convention: scale = amax / (maxq / 2), so codes 0..maxq around the
+    midpoint cover [-amax, amax] (an integer half, amax / 7 for int4, would waste a level)."""
+    w = torch.randn(4, 64)
+    scale, _ = grid.compute_qparams(w, bits, True, 0)
+    assert torch.allclose(scale[:, 0], w.abs().amax(1) / levels)
+
+
+def test_asymmetric_grid_of_all_positive_weights_keeps_zero_and_half_a_step():
+    """A group with no negative weight: the grid still holds 0 (lo clamped to <= 0) and every
+    weight is within half a step."""
+    w = torch.rand(4, 64) + 0.5
+    scale, zero = grid.compute_qparams(w, 4, False, 32)
+    back = grid.dequantize(grid.quantize(w, scale, zero, 4, 32), scale, zero, 32)
+    assert ((back - w).abs() <= 0.5 * scale.repeat_interleave(32, 1) + 1e-7).all()
+    assert grid.dequantize(zero.round().to(torch.uint8).repeat_interleave(32, 1), scale, zero,
+                           32).abs().max() < 1e-6

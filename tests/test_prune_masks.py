@@ -156,3 +156,24 @@ def test_sparsegpt_bad_input():
         sparsegpt_prune(w, h[:32, :32])
     with pytest.raises(UserError, match="divisible by 8"):
         sparsegpt_prune(w, h, nm=(4, 8), blocksize=20)
+
+
+def test_sparsegpt_mask_on_a_diagonal_hessian_is_the_wanda_mask():
+    """With uncorrelated inputs (diagonal H) and one block, SparseGPT's saliency w^2 / [H^-1]_jj^2
+    orders weights as |w| sqrt(h_j), Wanda's score on the damped diagonal, layer-wide."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64)
+    h = torch.diag(torch.logspace(-2, 2, 64)[torch.randperm(64)])
+    damp = 0.01
+    _, keep = sparsegpt_prune(weight, h, 0.5, blocksize=64, damp=damp)
+    damped = h.diagonal() + damp * h.diagonal().mean()
+    expected = masks.unstructured_mask(masks.wanda_scores(weight, damped), 0.5, scope="layer")
+    assert torch.equal(keep, expected)
+
+
+def test_hessian_over_uneven_batches_is_the_mean_over_all_tokens():
+    x = torch.randn(512, 32)
+    h, count = accumulate_hessian(None, 0, x[:100])
+    h, count = accumulate_hessian(h, count, x[100:])
+    assert count == 512
+    torch.testing.assert_close(h, 2 * x.T @ x / 512, rtol=1e-5, atol=1e-5)

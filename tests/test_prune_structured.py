@@ -123,6 +123,33 @@ def test_drop_layers_renumbers_kv_cache_and_reloads(tokens, tmp_path):
     _roundtrip(model, tokens, tmp_path, stock=True)
 
 
+def test_the_layer_that_changes_the_hidden_state_least_is_dropped(tokens):
+    """A layer whose attention and MLP write nothing (o_proj, down_proj zero) leaves the hidden
+    state as it found it: influence 1 - cos = 0, the first to go."""
+    from compress.shapes import llama_config
+
+    config = llama_config("tiny")
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    a = adapter_for(model)
+    identity = a.layers(model)[2]
+    with torch.no_grad():
+        identity.get_submodule(f"{a.attention}.{a.o}").weight.zero_()
+        identity.get_submodule(f"{a.mlp}.{a.down}").weight.zero_()
+    model = _prune(model, "layers", tokens, drop=1)
+    report = model.compress_report["structured"]
+    assert report["dropped"] == [2]
+    assert report["block_influence"][2] == pytest.approx(0, abs=1e-6)
+
+
+def test_global_keep_counts_keep_the_minimum_in_every_layer():
+    # Layer 0's scores are all below layer 1's: half of all units would empty layer 0 but for
+    # min_keep, so layer 1 gives up the rest.
+    assert shrink.global_keep_counts([torch.arange(16.), torch.arange(16.) + 100], 0.5, 2) \
+        == [2, 14]
+
+
 def test_drop_layers_keeps_the_named_layers_in_order(tiny_model):
     from compress.prune.structured import drop_layers
 

@@ -19,6 +19,9 @@ def test_resolved_recipe_fills_defaults_and_hashes():
     assert recipe_from_dict(_recipe(name="other"), "x").resolved()["hash"] == resolved["hash"]
     on_gpu = recipe_from_dict(_recipe(calibration={"device": "cuda"}), "r").resolved()
     assert on_gpu["calibration"]["device"] == "cuda" and on_gpu["hash"] == resolved["hash"]
+    # How the result is timed is not what was compressed either.
+    for bench in ({"batches": "1"}, {"batches": "8"}):
+        assert recipe_from_dict(_recipe(bench=bench), "r").resolved()["hash"] == resolved["hash"]
 
 
 def test_group_size_default_depends_on_bits():

@@ -34,6 +34,16 @@ def test_row_quantization_is_within_half_a_step():
     assert torch.all((fake_quantize_rows(x) - x).abs() <= scale / 2 + 1e-7)
 
 
+def test_an_all_zero_row_quantizes_to_zero_codes_with_a_finite_scale():
+    """A padding token or a dead output channel: 0 / 0 must not reach the int8 cast (casting NaN
+    is undefined behaviour, 0 only by chance on some CPUs)."""
+    x = torch.randn(3, 64)
+    x[1] = 0.0
+    q, scale = quantize_rows(x)
+    assert torch.isfinite(scale).all() and scale[1] > 0
+    assert torch.equal(q[1], torch.zeros(64, dtype=torch.int8))
+
+
 def test_int8_matmul_error_within_the_rounding_bound():
     """|y - y_ref| <= sum_i |dx_i||w_i| + |x_i||dw_i| + |dx_i||dw_i|, with |dx| <= sx/2 and
     |dw| <= sw/2 per element: the bound follows from the rounding steps alone."""
@@ -172,3 +182,11 @@ def test_cli_smoothquant_end_to_end(tmp_path):
     meta = json.loads((out / "compress.json").read_text())
     formats = {spec["format"] for spec in meta["modules"].values()}
     assert formats == {"w8a8-int8"} and len(meta["modules"]) == 14
+
+
+def test_activation_absmax_is_over_every_batch():
+    """The outlier of the first calibration batch sets its channel's max, not the last batch."""
+    first, second = torch.randn(8, 16), torch.randn(8, 16)
+    first[0, 3] = 50.0
+    running = update_channel_absmax(update_channel_absmax(None, first), second)
+    assert torch.equal(running, torch.cat([first, second]).abs().amax(0))
