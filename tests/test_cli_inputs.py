@@ -55,6 +55,7 @@ def _files(root):
      "--out listpass.yaml is the input listpass.yaml"),
     (["eval", "ck", "--out", "ck/config.json", "--overwrite"],
      "--out ck/config.json lies inside the source model ck"),
+    (["report", "afile", "--out", "r.json"], "a report is written as FILE.md, FILE.html or a folder"),
 ])
 def test_bad_files_and_values_are_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     _files(tmp_path)

@@ -118,6 +118,9 @@ def thresholds(args) -> Thresholds:
 
 def run(args) -> int:
     limits = thresholds(args)
+    if args.out and args.out.endswith((".json", ".csv", ".png")):
+        raise UserError(f"--out {args.out}: a report is written as FILE.md, FILE.html or a folder "
+                        "(report.md, report.html, results.csv, plots)")
     if args.out and _is_folder(args.out):
         check_output(args.out, args.overwrite)
     elif args.out:
