@@ -42,9 +42,7 @@ def check_output_file(path: str, overwrite: bool) -> None:
     if os.path.isdir(path):
         raise UserError(f"output {path} is a folder; give a file name, such as "
                         f"{os.path.join(path, 'results.json')}")
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"output {path} exists; pass --overwrite to replace it")
-    check_writable(path)
+    check_output(path, overwrite)
 
 
 def check_writable(path: str) -> None:

@@ -52,7 +52,7 @@ def run_peer(name: str, model, source: str, cfg: BenchConfig, device, ceil: dict
         row["runner"] += f"; weights by {name.split('-')[0]}"
         return row
     except Exception as exc:  # a peer's failure must not lose the rows already measured
-        return skipped(name, f"failed: {type(exc).__name__}: {first_line(exc)[:200]}")
+        return skipped(name, f"failed: {_reason(exc)}")
 
 
 def _bench_compiled_else_eager(model, cfg: BenchConfig, device, name: str, ceil: dict) -> dict:
@@ -65,12 +65,16 @@ def _bench_compiled_else_eager(model, cfg: BenchConfig, device, name: str, ceil:
     except Exception as exc:
         if not compiles:
             raise
-        reason = f"{type(exc).__name__}: {first_line(exc)[:200]}"
+        reason = _reason(exc)
     sync_and_free(device)
     eager = dataclasses.replace(cfg, compile=False, compile_prefill=False, tune_kernels=False)
     row = bench_engine(model, eager, device, name, ceil)
     row["runner"] += f" (eager: compiling failed, {reason})"
     return row
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {first_line(exc)[:200]}"
 
 
 @contextlib.contextmanager

@@ -79,10 +79,7 @@ def folder_failures(paths: list[str]) -> dict:
     for path in paths:
         file = os.path.join(path, "failures.json")
         if os.path.isdir(path) and os.path.isfile(file):
-            try:
-                failures.update(read_json(file))
-            except ValueError as exc:
-                raise UserError(f"{file} is not valid JSON: {exc}") from exc
+            failures.update(_read_json(file))
     return failures
 
 
@@ -90,14 +87,16 @@ def load_results(path: str) -> dict:
     file = os.path.join(path, "results.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise UserError(f"results file {file!r} does not exist")
-    try:
-        data = read_json(file)
-    except ValueError as exc:
-        raise UserError(f"{file} is not valid JSON: {exc}") from exc
+    data = _read_json(file)
     missing = {"model", "recipe", "protocol", "metrics", "environment"} - set(data)
     if missing:
         raise UserError(f"{file} is not a compress results file (missing {', '.join(sorted(missing))})")
     return data
+
+
+def _read_json(file: str):
+    with user_error_on(f"{file} is not valid JSON", ValueError):
+        return read_json(file)
 
 
 def thresholds(args) -> Thresholds:

@@ -19,6 +19,7 @@ from compress.evaluate.bench import sync_and_free
 from compress.evaluate.divergence import Reference
 from compress.evaluate.lm_eval_tasks import BUNDLED, TaskRunner, TaskSettings, parse_task_names
 from compress.evaluate.results import environment, write_json
+from compress.evaluate.timing import is_cuda
 from compress.pipeline import Session, compress_model, evaluate, evaluation_windows
 from compress.recipe import BenchSettings, load_recipe
 from compress.reports import markdown_report, write_report_files
@@ -88,8 +89,8 @@ def bench_config(args):
 def load_recipes(args) -> list:
     recipes = [load_recipe(path) for path in args.recipes]
     names = [r.name for r in recipes]
-    if len(set(names)) != len(names) or "baseline" in names:
-        raise UserError(f"recipe names must be unique and not 'baseline': {', '.join(names)}")
+    if len(set(names)) != len(names):  # (baseline and failures are refused by load_recipe)
+        raise UserError(f"recipe names must be unique: {', '.join(names)}")
     for recipe in recipes:
         recipe.model = args.model
         apply_calibration_options(recipe, args)
@@ -128,7 +129,7 @@ class Measure:
             # Last: the engine prepares quantized layers' fast layouts on the model it times.
             row = bench_engine(model, self.bench, self.session.device, name, self.ceilings)
             env = environment()
-            on_gpu = self.session.device.startswith("cuda")  # a CPU run on a GPU host is CPU
+            on_gpu = is_cuda(self.session.device)  # a CPU run on a GPU host is a CPU run
             result["metrics"]["speed"] = {
                 **row, "device": self.session.device, "gpu": env["gpu"] if on_gpu else None,
                 "driver": env.get("driver"), "cpu": env["cpu"], "threads": env["threads"],
