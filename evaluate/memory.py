@@ -65,7 +65,8 @@ def _named_tensors(model: nn.Module):
 
 def other_resident_bytes(own_bytes: int, device) -> int | None:
     """Bytes allocated on `device` now beyond a model's `own_bytes` (`weight_bytes(model)`'s
-    total): what other models hold (None off CUDA).
+    total): what other models and the process hold (None off CUDA); the process's share is
+    cuBLAS's workspace, 32 MiB on an H100.
 
     The peak a phase measures is process-wide: a sweep keeps its source model on the GPU while
     it times each recipe, so an int4 8B row's peak held the bf16 source's 16 GB too. A row
@@ -83,14 +84,20 @@ def model_peak(peak: int | None, other_resident: int | None) -> int | None:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Logical parameters: float parameters plus the weights that quantized layers encode."""
+    """Logical parameters: float parameters plus the weights that quantized layers encode. A
+    2:4 linear that keeps its weight in two forms (SemiStructuredLinear) counts it once."""
     from compress.formats.base import QuantizedLinear
 
     seen, count = set(), 0
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             count += module.in_features * module.out_features
+        # The 2:4 form of a weight that is also kept dense: the same parameters (an H100 row
+        # of the Llama-3-8B shape counted 13.7 billion).
+        second_form = getattr(module, "sparse_weight", None)
         for param in module.parameters(recurse=False):
+            if param is second_form:
+                continue
             if id(param) not in seen:
                 seen.add(id(param))
                 count += _logical_numel(param)

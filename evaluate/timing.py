@@ -59,16 +59,17 @@ def calls_per_sample(rows: int) -> int:
 
 
 def seconds_per_call(call: Callable[[], object], device, calls: int, warmup: int,
-                     repeats: int) -> tuple[float, str]:
-    """(median seconds per call, clock) of `calls` back-to-back calls. On CUDA they are
-    captured once in a CUDA graph and replayed: a call's host overhead (guards, launches: tens of
-    microseconds) would otherwise hide kernels that take as long, as it did in the kernel bench's
-    first H200 run. Where capture fails, plain back-to-back calls, and the clock says so."""
+                     repeats: int, graph: bool = True) -> tuple[float, str]:
+    """(median seconds per call, clock) of `calls` back-to-back calls. On CUDA with `graph` they
+    are captured once in a CUDA graph and replayed: a call's host overhead (guards, launches: tens
+    of microseconds) would otherwise hide kernels that take as long, as it did in the kernel
+    bench's first H200 run. Where capture fails, or without `graph` (a call that will run eagerly,
+    whose host overhead counts), plain back-to-back calls, and the clock says so."""
     def run():
         for _ in range(calls):
             call()
     timed, clock = run, "back-to-back calls (launch overhead included)"
-    if is_cuda(device):
+    if is_cuda(device) and graph:
         try:
             with on_device(device):
                 stream = torch.cuda.Stream()

@@ -97,3 +97,58 @@ def test_w8a8_epilogue_is_one_kernel_and_exact():
     assert _kernels(code) == 1
     expected = (acc.float() * row_scale * layer.scales.t() + layer.bias.float()).to(torch.bfloat16)
     assert torch.equal(out, expected) and torch.equal(rescale_output(*args), expected)
+
+
+def _recording_backend(graphs: list):
+    """A torch.compile backend that keeps each graph's input sizes as strings ('s0': symbolic)."""
+    def backend(gm, example_inputs):
+        graphs.append([tuple(str(size) for size in node.meta["example_value"].shape)
+                       for node in gm.graph.nodes if node.op == "placeholder"
+                       and isinstance(node.meta.get("example_value"), torch.Tensor)])
+        return gm.forward
+    return backend
+
+
+def _symbolic(size: str) -> bool:
+    return not size.isdigit()
+
+
+def test_fused_weight_kernels_are_compiled_for_each_shape_with_constant_sizes():
+    # torch.compile's default made the third weight shape's kernel symbolic in every size; on
+    # an H100 the int4 dequantization then ran at about a ninth of the copy bandwidth.
+    from compress.formats.base import compile_for_shapes
+    graphs: list = []
+    torch.compiler.reset()
+    dequantize = compile_for_shapes(dequantize_int4.__wrapped__, False, _recording_backend(graphs))
+    for out, inp in [(96, 256), (32, 256), (160, 256), (96, 512)]:
+        layer = quantized_linear(torch.nn.Linear(inp, out, bias=False), 4, 64, True)
+        got = dequantize(layer.qweight, layer.scales, layer.zeros, 64, torch.bfloat16)
+        assert torch.equal(got, layer.dequantize(torch.bfloat16))
+    assert len(graphs) == 4   # one kernel per shape
+    assert not [s for graph in graphs for shape in graph for s in shape if _symbolic(s)]
+    torch.compiler.reset()
+
+
+def test_fused_activation_kernels_take_any_rows_with_constant_columns():
+    from compress.formats.base import compile_for_shapes
+    graphs: list = []
+    torch.compiler.reset()
+    quantize = compile_for_shapes(quantize_rows.__wrapped__, True, _recording_backend(graphs))
+    rescale = compile_for_shapes(rescale_output.__wrapped__, True, _recording_backend(graphs))
+    for rows in (3, 5, 9, 17):
+        for cols in (64, 128):
+            x = torch.randn(rows, cols)
+            q, scale = quantize(x)
+            assert torch.equal(q, quantize_rows(x)[0])
+            col_scale = torch.rand(1, 32)
+            out = rescale(q[:, :32].to(torch.int32), scale, col_scale, None, torch.bfloat16)
+            assert torch.equal(out, rescale_output(q[:, :32].to(torch.int32), scale, col_scale,
+                                                   None, torch.bfloat16))
+    # Two column counts for the quantizer, one for the epilogue: no compile per prompt length.
+    assert len(graphs) == 3
+    for graph in graphs:
+        first = graph[0]
+        assert _symbolic(first[0]) and not _symbolic(first[-1])
+        assert [shape[0] for shape in graph if len(shape) == 2 and shape[1] == "1"] in \
+            ([], [first[0]])   # per-row scales share the rows' symbol
+    torch.compiler.reset()

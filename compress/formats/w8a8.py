@@ -20,7 +20,7 @@ EPS = 1e-8          # scale floor: an all-zero row or token quantizes to zeros, 
 CUDA_MIN_ROWS = 17  # cuBLAS int8 GEMM behind torch._int_mm rejects m <= 16
 
 
-@fused_on_cuda  # activations, at every forward: one kernel, not five passes
+@fused_on_cuda(dynamic_rows=True)  # activations at every forward: one kernel, not five
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row of a 2-D tensor: codes int8 [rows, cols] and scales float32 [rows, 1].
 
