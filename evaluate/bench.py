@@ -103,8 +103,12 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
     the row and is not this model's weights, such as a sweep's source model."""
     for module in model.modules():  # built by earlier forwards (a sweep's perplexity): the
         drop_kernel_layouts(module)  # engine rebuilds them, inside this row's own memory
-    # An earlier row's engine can wait for the cycle collector: on an H100 the first recipe's
-    # row counted the baseline's 256 MiB prefill KV cache as resident (reports/h100-llama3-8b).
+    # What earlier rows left: their engines, KV caches included, stay alive through their
+    # compiled steps until dynamo is reset (compile_decode does, mid-row) or through reference
+    # cycles. On an H100 the first recipe's row counted the baseline's 256 MiB cache as another
+    # model's, which was then freed before its decode: that peak came out 0.27 GB low
+    # (reports/h100-llama3-8b). Released here, before anything is measured.
+    torch.compiler.reset()
     gc.collect()
     resident = other_resident_bytes(weight_bytes(model)["total"], device)
     if cfg.profile:
