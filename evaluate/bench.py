@@ -106,7 +106,7 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
     # What earlier rows left: their engines, KV caches included, stay alive through their
     # compiled steps until dynamo is reset (compile_decode does, mid-row) or through reference
     # cycles. On an H100 the first recipe's row counted the baseline's 256 MiB cache as another
-    # model's, which was then freed before its decode: that peak came out 0.27 GB low
+    # model's, which was then freed before its decode: that peak came out at least 0.24 GB low
     # (reports/h100-llama3-8b). Released here, before anything is measured.
     torch.compiler.reset()
     gc.collect()
