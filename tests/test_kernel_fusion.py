@@ -114,8 +114,9 @@ def _symbolic(size: str) -> bool:
 
 
 def test_fused_weight_kernels_are_compiled_for_each_shape_with_constant_sizes():
-    # torch.compile's default made the third weight shape's kernel symbolic in every size; on
-    # an H100 the int4 dequantization then ran at about a ninth of the copy bandwidth.
+    # torch.compile's default made the third weight shape's kernel symbolic in every size, and
+    # every later weight ran it; on an H100 the int4 dequantization ran at a ninth of the copy
+    # bandwidth.
     from compress.formats.base import compile_for_shapes
     graphs: list = []
     torch.compiler.reset()

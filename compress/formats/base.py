@@ -79,12 +79,13 @@ def compile_for_shapes(fn, dynamic_rows: bool, backend="inductor"):
     """torch.compile(fn) specialised to each shape it meets (a weight's, or an activation's
     columns), with the first argument's first dimension symbolic where `dynamic_rows`.
 
-    torch.compile's default turns a dimension symbolic once it has seen two sizes of it, so the
-    third weight shape of a model got a kernel whose index arithmetic divides by runtime sizes:
-    in the H100 profile of a 2048-token prefill of the Llama-3-8B shape, the int4 dequantization
-    took 53.7 ms, 9x what its 17.5 GB of traffic needs at the measured copy bandwidth
-    (reports/h100-llama3-8b; the likely cause, not measured again since). A model has a handful
-    of weight shapes, within dynamo's recompile limit (8 per function; past it, `fn` runs eagerly).
+    torch.compile's default turns a dimension symbolic once it has seen two sizes of it and tries
+    its newest kernel first, so from a model's third weight shape on every weight ran one kernel
+    whose index arithmetic divides by runtime sizes. In the H100 profile of a 2048-token prefill
+    of the Llama-3-8B shape, the int4 dequantization took 53.7 ms, 9x what its 17.5 GB of traffic
+    needs at the measured copy bandwidth (reports/h100-llama3-8b; the likely cause, not measured
+    again since). A model has a handful of weight shapes, within dynamo's recompile limit (8 per
+    function; past it, `fn` runs eagerly).
     """
     compiled = torch.compile(fn, dynamic=False, backend=backend)
     if not dynamic_rows:
