@@ -193,8 +193,9 @@ class QuantizedLinear(nn.Module):
     def set_kernel(self, name: str) -> None:
         """'auto' (the kernels measurements chose) or, where the format has them, 'triton'
         (compress/formats/triton_kernels.py: a GEMV for one row, a dequantizing GEMM for
-        `triton_gemm_min_rows` rows or more; still to be measured on a GPU) or 'fused-gemv'
-        (`fused_gemv` for one row inside a compiled CUDA step, where 'auto' runs another kernel)."""
+        `triton_gemm_min_rows` rows or more; slower than 'auto' on an H100, see there) or
+        'fused-gemv' (`fused_gemv` for one row inside a compiled CUDA step, where 'auto' runs
+        another kernel)."""
         from compress.errors import UserError, choices
 
         if name not in self.kernel_choices:

@@ -8,8 +8,10 @@ and dequantized in registers.
   int4 prefill ran at 0.51x bf16 there, int8 at 0.81x (reports/h200-llama3-8b).
 
 Not chosen by default: a layer takes them only after `set_kernel("triton")` (`compress bench
---kernel int4=triton`), until a GPU session has measured them (evaluate/kernel_bench.py lists
-them beside the others). Correctness is tested on the CPU through Triton's interpreter
+--kernel int4=triton`). Measured on an H100 (int4 g128, Llama-3-8B shape, batch 1;
+reports/h100-llama3-8b/run2-triton) they lose to the defaults: decode 5.41 ms/token against
+tinygemm's 4.14, prefill of 2048 tokens 474 ms against 115 with dequantize + cuBLAS. Their
+block sizes are untuned; evaluate/kernel_bench.py lists them beside the others. Correctness is tested on the CPU through Triton's interpreter
 (TRITON_INTERPRET=1) where Triton is installed; on a GPU by the GPU-marked tests.
 
 Stored formats (compress/formats/int4.py, int8.py): int4 packs column 2j in the low nibble and
