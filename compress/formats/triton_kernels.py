@@ -10,9 +10,11 @@ and dequantized in registers.
 Not chosen by default: a layer takes them only after `set_kernel("triton")` (`compress bench
 --kernel int4=triton`). Measured on an H100 (int4 g128, Llama-3-8B shape, batch 1;
 reports/h100-llama3-8b/run2-triton) they lose to the defaults: decode 5.41 ms/token against
-tinygemm's 4.14, prefill of 2048 tokens 474 ms against 115 with dequantize + cuBLAS. Their
-block sizes are untuned; evaluate/kernel_bench.py lists them beside the others. Correctness is tested on the CPU through Triton's interpreter
-(TRITON_INTERPRET=1) where Triton is installed; on a GPU by the GPU-marked tests.
+tinygemm's 4.14 (the GEMV picks its configuration from GEMV_CONFIGS per shape), prefill of
+2048 tokens 474 ms against 115 with dequantize + cuBLAS (the GEMM's tiles are fixed, not tuned).
+evaluate/kernel_bench.py lists them beside the others. Correctness is tested on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1) where Triton is installed; on a GPU by the GPU-marked
+tests.
 
 Stored formats (compress/formats/int4.py, int8.py): int4 packs column 2j in the low nibble and
 2j+1 in the high one, w = (q - zero) * scale with zero 8 when symmetric; int8 stores q - 128 and
