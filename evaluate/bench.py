@@ -76,6 +76,10 @@ class BenchConfig:
         if unknown:
             raise UserError(f"unknown peer {sorted(unknown)[0]!r}; allowed: {', '.join(PEERS)}")
 
+    def prefill_rows(self) -> set[int]:
+        """Rows (batch x tokens) of each prefill shape: what its linears multiply."""
+        return {batch * length for batch, length in self.prefill}
+
     def protocol(self, device) -> dict:
         return {"batches": list(self.batches), "prompt": self.prompt, "new_tokens": self.new,
                 "prefill": [list(p) for p in self.prefill], "warmup": self.warmup,
@@ -115,8 +119,7 @@ def bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: di
         prepare_for_cuda_graphs(device)
     semi = None
     if cfg.semi_structured and is_cuda(device) and is_2of4_model(model):
-        prefill_rows = {batch * length for batch, length in cfg.prefill}
-        semi = materialize_2of4_where_faster(model, sorted({*cfg.batches, *prefill_rows}),
+        semi = materialize_2of4_where_faster(model, sorted({*cfg.batches, *cfg.prefill_rows()}),
                                              linear_timer(device, replayed_rows(cfg)))
     fused = fuse_projections(model) if cfg.fuse_projections else None
     attention = use_gqa_decode_attention(model) if cfg.gqa_decode else None
@@ -268,8 +271,7 @@ def replayed_rows(cfg: BenchConfig) -> set[int]:
     on an H100 the 2:4 products of a 2048-token prefill were faster on the GPU when replayed,
     yet the model's prefill took 91 ms against bf16's 64, of which 59 ms was GPU time
     (reports/h100-llama3-8b)."""
-    prefill_rows = {batch * length for batch, length in cfg.prefill}
-    return set(cfg.batches) - prefill_rows if cfg.compile else set()
+    return set(cfg.batches) - cfg.prefill_rows() if cfg.compile else set()
 
 
 def linear_timer(device, replayed: set[int] = frozenset()):
