@@ -173,6 +173,9 @@ def test_bench_profile_names_the_operations_of_each_phase(tiny_bench):
         assert top and all(r["self_ms"] > 0 and r["calls"] > 0 for r in top)
         assert abs(sum(r["share_pct"] for r in top) - 100) < 100  # shares of one total
         assert any("mm" in r["op"] or "linear" in r["op"] for r in top)
+        # CPU self time of the operators cannot exceed the wall time they ran in.
+        assert 0 < profile[phase]["total_ms"] <= profile[phase]["wall_ms"]
+        assert "host" not in profile[phase]  # the CPU table is already the host's
     assert (profile["decode"]["batch"], profile["decode"]["steps"]) == (1, 4)
     assert (profile["prefill"]["batch"], profile["prefill"]["tokens"]) == (1, 16)
     assert "## Profile" in md
@@ -208,6 +211,9 @@ def test_gpu_profiles_count_kernels_not_the_operators_that_launched_them():
     assert profile["total_ms"] == 0.4 and profile["calls"] == 6
     assert [r["op"] for r in profile["top"]] == ["sm90_gemm_kernel", "triton_poi_fused_mul"]
     assert profile["top"][0]["share_pct"] == 75.0
+    # The host's table (what _profiled adds on a GPU) ranks the CPU side: kernels take none.
+    host = top_operations(events, cuda=False)
+    assert [r["op"] for r in host["top"]] == ["aten::mm"] and host["total_ms"] == 0.005
 
 
 def test_a_rows_peak_leaves_out_what_other_models_hold(tiny_model, monkeypatch):
