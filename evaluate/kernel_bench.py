@@ -29,6 +29,7 @@ COMPILED_MAX_ROWS = 64  # rows up to this are decode batches: timed through torc
 # Compiled inductor reductions whose block sizes matter: also timed with coordinate-descent
 # tuning (`compress bench --tune-kernels`), as "<name> tuned".
 TUNED = ("int8", "int4 fused-gemv")
+ONE_GRAPH = "inductor"  # W8A8 / FP8 layers' kernel choice (formats/base.py, RowScaledLinear)
 
 
 def linear_shapes(shape: str, kinds: list[str]) -> dict[str, tuple[int, int]]:
@@ -64,6 +65,10 @@ def candidates(out_features: int, in_features: int, group_size: int, device) -> 
             found[f"{name} triton"] = chosen
     if fp8_capable(device):
         found["fp8"] = FP8Linear.from_float(linear)
+    if torch.device(device).type == "cuda":  # prefill rows as one graph: autotuned GEMM, fused
+        for name in [k for k in ("w8a8 int8", "fp8") if k in found]:  # rescale (eager rows)
+            found[f"{name} {ONE_GRAPH}"] = copy.deepcopy(found[name])
+            found[f"{name} {ONE_GRAPH}"].set_kernel("inductor")
     return {"bf16 F.linear": linear.to(torch.bfloat16), **found}
 
 
@@ -86,8 +91,10 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
         calls = calls_per_sample(m)
         row = {"linear": name, "out": out_features, "in": in_features, "rows": m,
                "compiled": compiled, "us": {}, "kernel": {}, "clock": {}}
-        # The fused GEMV serves one row; at more it is the int4 column again.
-        keys = [k for k in found if m == 1 or not k.startswith("int4 fused-gemv")]
+        # The fused GEMV serves one row; at more it is the int4 column again. The one-graph
+        # kernels serve eager rows; compiled rows are one graph with every kernel already.
+        keys = [k for k in found if (m == 1 or not k.startswith("int4 fused-gemv"))
+                and not (compiled and k.endswith(ONE_GRAPH))]
         timed = [(key, found[key], False) for key in keys]
         timed += [(f"{key} tuned", found[key], True) for key in TUNED if compiled and key in keys]
         for key, module, tune in timed:

@@ -2,6 +2,8 @@
 unit of the speed-ups, and each format's kernel choice as compress/formats makes it."""
 import json
 
+import pytest
+
 from compress.evaluate.kernel_bench import linear_shapes, main
 
 
@@ -33,8 +35,6 @@ def test_kernel_bench_writes_every_shape_and_kernel(tmp_path):
 
 
 def test_a_run_cut_short_keeps_the_records_already_measured(tmp_path, monkeypatch):
-    import pytest
-
     from compress.evaluate import kernel_bench
 
     def one_then_killed(name, out_features, in_features, *args):
@@ -49,3 +49,15 @@ def test_a_run_cut_short_keeps_the_records_already_measured(tmp_path, monkeypatc
         main(["--shape", "tiny", "--device", "cpu", "--out", str(out)])
     assert [r["linear"] for r in json.loads(out.read_text())["records"]] == ["gate_proj"]
     assert "gate_proj" in (tmp_path / "k.md").read_text()
+
+
+@pytest.mark.gpu
+def test_kernel_bench_times_one_graph_kernels_on_eager_rows_of_a_gpu(tmp_path):
+    out = tmp_path / "k.json"
+    assert main(["--shape", "tiny", "--linears", "gate_proj", "--rows", "1,200",
+                 "--group-size", "32", "--device", "cuda", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    small, large = json.loads(out.read_text())["records"]
+    assert not [k for k in small["us"] if k.endswith("inductor")]   # compiled rows: one graph
+    assert large["us"]["w8a8 int8 inductor"] > 0
+    assert "inductor graph" in large["kernel"]["w8a8 int8 inductor"]

@@ -153,3 +153,63 @@ def test_fused_activation_kernels_take_any_rows_with_constant_columns():
         assert [shape[0] for shape in graph if len(shape) == 2 and shape[1] == "1"] in \
             ([], [first[0]])   # per-row scales share the rows' symbol
     torch.compiler.reset()
+
+
+def _row_scaled_layers(cls, device: str):
+    """Two layers of one shape and one of another, on the fast path even on a CPU."""
+    torch.manual_seed(0)
+    layers = [cls.from_float(torch.nn.Linear(i, o)).to(device) for i, o in
+              ((256, 96), (256, 96), (128, 64))]
+    for layer in layers:
+        layer.cpu_fast_int8 = True   # W8A8: _int_mm on any CPU (slow without VNNI, exact)
+    return layers
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
+def test_one_graph_kernel_equals_the_default_fast_path(fmt, device, monkeypatch):
+    from compress.formats.base import WHOLE_GRAPH, WHOLE_GRAPH_MIN_ROWS
+    from compress.formats.fp8 import FP8Linear
+
+    cls = W8A8Linear if fmt == "w8a8" else FP8Linear
+    if device == "cpu" and fmt == "fp8":  # torch emulates _scaled_mm on the CPU, where it can
+        monkeypatch.setattr(FP8Linear, "fast_fits", lambda self, device, rows: True)
+        try:
+            FP8Linear.from_float(torch.nn.Linear(32, 16)).fast_forward(torch.randn(2, 32))
+        except (RuntimeError, NotImplementedError) as exc:
+            pytest.skip(f"torch._scaled_mm with row-wise scales does not run here: {exc}")
+    torch.compiler.reset()
+    for layer in _row_scaled_layers(cls, device):
+        layer.set_kernel("inductor")
+        for shape in ((WHOLE_GRAPH_MIN_ROWS, layer.in_features), (2, 24, layer.in_features),
+                      (3, layer.in_features)):
+            x = torch.randn(*shape, device=device)
+            out = layer(x)
+            expected = layer.fast_forward(x)
+            assert out.shape == expected.shape
+            assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+            rows = x.numel() // layer.in_features
+            assert layer.kernel == (f"{cls.fast_kernel} {WHOLE_GRAPH}"
+                                    if rows >= WHOLE_GRAPH_MIN_ROWS else cls.fast_kernel)
+    layer.set_kernel("auto")
+    layer(torch.randn(40, layer.in_features, device=device))
+    assert layer.kernel == cls.fast_kernel
+    torch.compiler.reset()
+
+
+def test_one_graph_kernel_compiles_once_per_weight_shape_for_any_rows():
+    """The layer is an argument of the compiled function: its buffers are graph inputs, so the
+    layers of one shape share a graph, and prompt lengths share it too (rows symbolic)."""
+    from compress.formats.base import _fast_forward, compile_for_shapes
+
+    graphs: list = []
+    torch.compiler.reset()
+    whole = compile_for_shapes(_fast_forward, True, _recording_backend(graphs))
+    for rows in (17, 33, 100):
+        for layer in _row_scaled_layers(W8A8Linear, "cpu"):
+            x = torch.randn(rows, layer.in_features)
+            assert torch.equal(whole(x, layer), layer.fast_forward(x))
+    assert len(graphs) == 2
+    for graph in graphs:
+        assert _symbolic(graph[0][0]) and not _symbolic(graph[0][1])
+    torch.compiler.reset()

@@ -32,8 +32,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kernel", default="", metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton,int8=triton (compress/formats/triton_kernels.py: a GEMV for one "
-                        "row, a dequantizing GEMM for many) or int4=fused-gemv (inductor's fused "
-                        "dequantize-GEMV for one compiled row); other formats keep theirs")
+                        "row, a dequantizing GEMM for many), int4=fused-gemv (inductor's fused "
+                        "dequantize-GEMV for one compiled row) or w8a8-int8=inductor / "
+                        "fp8-e4m3=inductor (prefill rows as one inductor graph: GEMM timed "
+                        "against Triton's, rescale fused); other formats keep theirs")
     p.add_argument("--peers", default="hf",
                    help=f"comma list of peers or 'none' (default hf); allowed: {', '.join(PEERS)}")
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs (default 2)")

@@ -59,20 +59,31 @@ def fused_on_cuda(fn=None, *, dynamic_rows: bool = False):
     Every size is a constant of the kernel (`compile_for_shapes`), except with `dynamic_rows` the
     first argument's rows (tokens: one kernel serves every prompt length)."""
     def wrap(fn):
-        compiled = None
+        compiled = lazily_compiled(fn, dynamic_rows)
 
         @functools.wraps(fn)
         def call(*args):
-            nonlocal compiled
             if not args[0].is_cuda or torch.compiler.is_compiling():
                 return fn(*args)
-            if compiled is None:
-                compiled = compile_for_shapes(fn, dynamic_rows)
             return compiled(*args)
 
         return call
 
     return wrap if fn is None else wrap(fn)
+
+
+def lazily_compiled(fn, dynamic_rows: bool = False):
+    """`compile_for_shapes(fn, dynamic_rows)`, built at the first call rather than on import."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = compile_for_shapes(fn, dynamic_rows)
+        return compiled(*args)
+
+    return call
 
 
 def compile_for_shapes(fn, dynamic_rows: bool, backend="inductor"):
@@ -272,6 +283,8 @@ class RowScaledLinear(QuantizedLinear):
     fast_kernel = "none"
     description = ""
     fixed_dtype_buffers = ("qweight", "scales")
+    kernel_choices = ("auto", "inductor")
+    whole_graph = False  # set_kernel("inductor"): the fast forward of prefill rows as one graph
 
     @staticmethod
     def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,8 +325,27 @@ class RowScaledLinear(QuantizedLinear):
         out = F.linear(q.float() * scale, self.dequantize(torch.float32))
         return self._finish(out, x)
 
+    def set_kernel(self, name: str) -> None:
+        """'auto', or 'inductor': from WHOLE_GRAPH_MIN_ROWS rows on (prefill), the activations'
+        quantization, the GEMM and the rescale run as one inductor graph per weight shape
+        (`fast_forward_in_one_graph`), outside a compiled region too. For int8, inductor then
+        times cuBLAS against its own Triton GEMM templates and keeps the faster (torch 2.11
+        offers the templates for int8 without max-autotune), and a Triton winner can take the
+        rescale as its epilogue. Eagerly, `_int_mm` ran an Ampere CUTLASS kernel on the H100,
+        1.15x bf16 at 2048 rows (reports/h100-llama3-8b). Not the default until a GPU measures
+        it (evaluate/kernel_bench.py times both). The first call of each shape compiles, inside
+        a benchmark's warm-up."""
+        super().set_kernel(name)
+        self.whole_graph = name == "inductor"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast_fits(x.device, x.numel() // self.in_features):
+        rows = x.numel() // self.in_features
+        if self.fast_fits(x.device, rows):
+            if self.whole_graph and rows >= WHOLE_GRAPH_MIN_ROWS and \
+                    not torch.compiler.is_compiling():
+                self.kernel = f"{self.fast_kernel} {WHOLE_GRAPH}"
+                flat = fast_forward_in_one_graph(x.reshape(-1, self.in_features), self)
+                return flat.reshape(*x.shape[:-1], self.out_features)
             self.kernel = self.fast_kernel
             return self.fast_forward(x)
         self.kernel = "reference"
@@ -347,3 +379,18 @@ def rescale_output(acc: torch.Tensor, row_scale: torch.Tensor | None,
     if bias is not None:
         out = out + bias.float()
     return out.to(dtype)
+
+
+# RowScaledLinear's 'inductor' kernel: for this many rows or more (prefill; decode rows run inside
+# the engine's compiled step, which traces the same code), and what its label adds.
+WHOLE_GRAPH_MIN_ROWS = 17
+WHOLE_GRAPH = "in one inductor graph (GEMM timed against Triton's, rescale fused)"
+
+
+def _fast_forward(x: torch.Tensor, layer: RowScaledLinear) -> torch.Tensor:
+    return layer.fast_forward(x)
+
+
+# One graph per weight shape (the layer's buffers are its inputs, so the layers of one shape
+# share it), rows symbolic: a Llama model has four weight shapes, within dynamo's limit of 8.
+fast_forward_in_one_graph = lazily_compiled(_fast_forward, dynamic_rows=True)
