@@ -20,13 +20,16 @@
 #   bash scripts/gpu_checks.sh triton     # the Triton GEMV / GEMM: GPU tests, int4 / int8 with them
 #   bash scripts/gpu_checks.sh inductor   # int4 / int8 through inductor's fused dequantize-GEMV with
 #                                         # coordinate-descent-tuned kernels (--tune-kernels)
+#   bash scripts/gpu_checks.sh w8a8-graph # W8A8 / FP8 prefill as one inductor graph (their
+#                                         # 'inductor' kernel) against bf16
 #   bash scripts/gpu_checks.sh fused      # bf16 / int4 / int8 with q/k/v and gate/up fused
 #   bash scripts/gpu_checks.sh engine     # bf16 decode at batch 1 and 8: as is, with the GQA decode
 #                                         # attention (--gqa-decode), and with fused projections too
 #   bash scripts/gpu_checks.sh prefill    # bf16 prefill compiled (--compile-prefill), then also
 #                                         # with fused projections: the 70%-of-matmul goal
-#   bash scripts/gpu_checks.sh smollm2    # speed of the SmolLM2 sweep's recipes (issue 7), joined
-#                                         # with its CPU quality by `compress report --speed-from`
+#   bash scripts/gpu_checks.sh smollm2    # speed of the SmolLM2 sweep's recipes at batch 1 (issue 7),
+#                                         # joined with its CPU quality by `compress report
+#                                         # --speed-from`
 #
 # Every step runs under `timeout`, within what is left of BUDGET seconds (570 on a GPU: a device
 # call is 600 s at most; give it timeout_s 595), logs to NAME.log and leaves one line in
@@ -35,10 +38,12 @@
 # `.NAME.tmp-*` folders. The device tool returns at most 8 files, so on a GPU (PACK=1) a stage
 # packs everything into $OUT/STAGE.tgz, with steps.log and machine.txt beside it.
 #
-# A 15-minute lease (machine start and idle count too): `short` first, then, as time allows in
-# later leases, `engine`, `inductor`, `bench`, `peers` (carry .whl), `shapes`, `smollm2`, `gptq`,
-# `triton`, `fused`, `prefill`, `sweep`. reports/h200-llama3-8b and reports/h100-llama3-8b have
-# what the first leases gave (h100: `short` and `triton`, neither finished).
+# A 15-minute lease (machine start and idle count too) holds one full call and a short one; a
+# warm machine is given back after 30 s idle. Next: `gptq,smollm2` in one call (all that issues
+# 4 and 7 still need; the GPTQ takes under 5 minutes if it meets its goal). Then, as leases come, `short` again (its fixes are not yet
+# measured), `w8a8-graph`, `bench`, `peers` (carry .whl), `shapes`, `engine`, `prefill`, `sweep`,
+# `inductor`, `fused`. reports/h200-llama3-8b and reports/h100-llama3-8b have what the first leases gave
+# (h100: `short` and `triton`, neither finished).
 #
 # The device image has torch, transformers, pandas, pyyaml, matplotlib and pytest; the bnb-* and
 # torchao-* peers need bitsandbytes / torchao carried as wheels, else they are skipped with a
@@ -71,7 +76,7 @@ if compgen -G ".whl/*.whl" > /dev/null && [ "$DEVICE" = cuda ]; then
         && export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 mkdir -p "$OUT" || exit 2
-if [ "$PACK" = 1 ]; then WORK=$(mktemp -d "/tmp/gpu-$STAGE.XXXX"); else WORK=$OUT; fi
+if [ "$PACK" = 1 ]; then WORK=$(mktemp -d "/tmp/gpu-${STAGE//,/-}.XXXX"); else WORK=$OUT; fi
 if [ -n "${SMALL:-}" ]; then   # the dry run: toy shapes, one repeat, no peers that need CUDA
     SHAPES=(--batch 1,2 --prompt 16 --new 4 --prefill 1x32 --warmup 0 --repeats 1)
     SWEEP_SHAPES=(--bench-batch 1 --bench-prompt 16 --bench-new 4 --bench-prefill 1x32
@@ -109,7 +114,8 @@ step() {
         | tee -a "$WORK/steps.log"
 }
 CLI=("$PY" -m compress.cli)
-run_stage() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
+# STAGE may name several stages, comma-separated: they share BUDGET, in this file's order.
+run_stage() { [ "$STAGE" = all ] || [[ ",$STAGE," == *",$1,"* ]]; }
 { nvidia-smi || true; "$PY" -c "import torch, transformers; print(torch.__version__, \
   transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 } > "$WORK/machine.txt" 2>&1
@@ -184,6 +190,16 @@ if run_stage inductor; then
         --bench-kernel int4=fused-gemv --out "$WORK/sweep-inductor" --overwrite \
         --title "$MODEL on $DEVICE, batch 1: int4 / int8 through tuned inductor GEMVs"
 fi
+if run_stage w8a8-graph; then
+    # W8A8 / FP8 prefill as one inductor graph per weight shape (--kernel w8a8-int8=inductor):
+    # the int8 GEMM timed against inductor's Triton templates, the rescale fused. Compare the
+    # prefill column with `short`'s (eager _int_mm ran an Ampere CUTLASS kernel at 1.15x bf16).
+    step sweep-w8a8-graph - "${CLI[@]}" sweep recipes/smoothquant-w8a8.yaml \
+        recipes/fp8-w8a8.yaml --model "$MODEL" --device "$DEVICE" --corpus random --windows 1 \
+        --seq-len 512 --bench "${COMPILE[@]}" --bench-batch 1 "${SWEEP_B1[@]}" --bench-profile \
+        --bench-kernel w8a8-int8=inductor,fp8-e4m3=inductor --out "$WORK/sweep-w8a8-graph" \
+        --overwrite --title "$MODEL on $DEVICE, batch 1: W8A8 / FP8 prefill as one graph"
+fi
 if run_stage fused; then
     # Four matmuls per decode layer instead of seven (evaluate/fuse.py); the baseline is fused too.
     step sweep-fused - "${CLI[@]}" sweep "$INT4" recipes/int8-channel.yaml --model "$MODEL" \
@@ -212,26 +228,32 @@ if run_stage prefill; then
         "${COMPILE[@]}" --batch 1 "${SHAPES_B1[@]}" --compile-prefill --fuse-projections \
         --profile --out "$WORK/bench-prefill-fused" --overwrite
 fi
+if run_stage gptq; then
+    # The model waits on the CPU; each layer is calibrated on the GPU (peak GPU memory printed).
+    # T_GPTQ bounds it, so that a stage after it in the same call keeps its time.
+    step gptq "${T_GPTQ:--}" "${CLI[@]}" quantize "$MODEL" --method gptq --bits 4 \
+        --group-size "$GROUP" --symmetric --device cpu --dtype bfloat16 --calib-device "$DEVICE" \
+        --corpus random "${CALIB[@]}" --out "$WORK/gptq-checkpoint" --overwrite
+    # 5 GB of random int4 weights: the log ("compressed in S s; peak GPU memory G GiB") and the
+    # checkpoint's compress.json (resolved recipe, provenance, that peak) are the figures.
+    cp "$WORK/gptq-checkpoint/compress.json" "$WORK/gptq-compress.json" 2>/dev/null
+    rm -rf "$WORK/gptq-checkpoint"
+fi
 if run_stage smollm2; then
     # Issue 7: the speed of reports/smollm2-135m-sweep's seven recipes, timed on random weights of
     # SmolLM2's shape (its GGUF file cannot travel). Join them here with
     #   compress report reports/smollm2-135m-sweep --speed-from <this sweep> --out DIR
+    # Batch 1 unless SMOLLM2_BATCH says more: each batch compiles each model's decode step again
+    # (31-47 s apiece for the 8B shape on the H100), and 8 models x 3 batches overrun a call.
     step smollm2-speed - "${CLI[@]}" sweep recipes/int8-channel.yaml recipes/int4-g64-sym.yaml \
         recipes/gptq-w4-g64-sym-actorder.yaml recipes/awq-w4-g64-sym.yaml \
         recipes/smoothquant-w8a8.yaml recipes/wanda-50.yaml recipes/sparsegpt-2of4-gptq-int4.yaml \
         --model random:smollm2-135m --device "$DEVICE" --corpus random --windows 1 --seq-len 512 \
-        --bench --bench-semi-structured "${COMPILE[@]}" "${SWEEP_SHAPES[@]}" \
-        --out "$WORK/smollm2-speed" --overwrite \
+        --bench --bench-semi-structured "${COMPILE[@]}" "${SWEEP_B1[@]}" \
+        --bench-batch "${SMOLLM2_BATCH:-1}" --out "$WORK/smollm2-speed" --overwrite \
         --title "random:smollm2-135m on $DEVICE: speed of the SmolLM2 sweep's recipes"
 fi
-if run_stage gptq; then
-    # The model waits on the CPU; each layer is calibrated on the GPU (peak GPU memory printed).
-    step gptq - "${CLI[@]}" quantize "$MODEL" --method gptq --bits 4 --group-size "$GROUP" \
-        --symmetric --device cpu --dtype bfloat16 --calib-device "$DEVICE" --corpus random \
-        "${CALIB[@]}" --out "$WORK/gptq-checkpoint" --overwrite
-    rm -rf "$WORK/gptq-checkpoint"   # 5 GB of random int4 weights: the log is the figure
-fi
 if [ "$PACK" = 1 ]; then
-    tar czf "$OUT/$STAGE.tgz" -C "$WORK" . && cp "$WORK/steps.log" "$WORK/machine.txt" "$OUT"/
+    tar czf "$OUT/${STAGE//,/-}.tgz" -C "$WORK" . && cp "$WORK/steps.log" "$WORK/machine.txt" "$OUT"/
 fi
 echo "$STAGE: done in $((SECONDS - START)) s; steps:"; cat "$WORK/steps.log" 2>/dev/null
