@@ -27,9 +27,9 @@
 #                                         # attention (--gqa-decode), and with fused projections too
 #   bash scripts/gpu_checks.sh prefill    # bf16 prefill compiled (--compile-prefill), then also
 #                                         # with fused projections: the 70%-of-matmul goal
-#   bash scripts/gpu_checks.sh smollm2    # speed of the SmolLM2 sweep's recipes at batch 1 (issue 7),
-#                                         # joined with its CPU quality by `compress report
-#                                         # --speed-from`
+#   bash scripts/gpu_checks.sh smollm2    # speed of the SmolLM2 sweep's recipes at batch 1
+#                                         # (issue 7), joined with its CPU quality by `compress
+#                                         # report --speed-from`
 #
 # Every step runs under `timeout`, within what is left of BUDGET seconds (570 on a GPU: a device
 # call is 600 s at most; give it timeout_s 595), logs to NAME.log and leaves one line in
@@ -38,12 +38,16 @@
 # `.NAME.tmp-*` folders. The device tool returns at most 8 files, so on a GPU (PACK=1) a stage
 # packs everything into $OUT/STAGE.tgz, with steps.log and machine.txt beside it.
 #
+# Several stages in one call, comma-separated, share one budget and run in this file's order:
+#   T_GPTQ=330 bash scripts/gpu_checks.sh gptq,smollm2     # packs $OUT/gptq-smollm2.tgz
+#
 # A 15-minute lease (machine start and idle count too) holds one full call and a short one; a
 # warm machine is given back after 30 s idle. Next: `gptq,smollm2` in one call (all that issues
-# 4 and 7 still need; the GPTQ takes under 5 minutes if it meets its goal). Then, as leases come, `short` again (its fixes are not yet
-# measured), `w8a8-graph`, `bench`, `peers` (carry .whl), `shapes`, `engine`, `prefill`, `sweep`,
-# `inductor`, `fused`. reports/h200-llama3-8b and reports/h100-llama3-8b have what the first leases gave
-# (h100: `short` and `triton`, neither finished).
+# 4 and 7 still need; the GPTQ takes under 5 minutes if it meets its goal). Then, as leases
+# come: `short` again (its fixes are not yet measured), `w8a8-graph`, `bench`, `peers` (carry
+# .whl), `shapes`, `engine`, `prefill`, `sweep`, `inductor`, `fused`. reports/h200-llama3-8b and
+# reports/h100-llama3-8b have what the first leases gave (h100: `short` and `triton`, neither
+# finished).
 #
 # The device image has torch, transformers, pandas, pyyaml, matplotlib and pytest; the bnb-* and
 # torchao-* peers need bitsandbytes / torchao carried as wheels, else they are skipped with a
@@ -254,6 +258,7 @@ if run_stage smollm2; then
         --title "random:smollm2-135m on $DEVICE: speed of the SmolLM2 sweep's recipes"
 fi
 if [ "$PACK" = 1 ]; then
-    tar czf "$OUT/${STAGE//,/-}.tgz" -C "$WORK" . && cp "$WORK/steps.log" "$WORK/machine.txt" "$OUT"/
+    tar czf "$OUT/${STAGE//,/-}.tgz" -C "$WORK" . \
+        && cp "$WORK/steps.log" "$WORK/machine.txt" "$OUT"/
 fi
 echo "$STAGE: done in $((SECONDS - START)) s; steps:"; cat "$WORK/steps.log" 2>/dev/null
