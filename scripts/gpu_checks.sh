@@ -248,7 +248,7 @@ if run_stage smollm2; then
     # SmolLM2's shape (its GGUF file cannot travel). Join them here with
     #   compress report reports/smollm2-135m-sweep --speed-from <this sweep> --out DIR
     # Batch 1 unless SMOLLM2_BATCH says more: each batch compiles each model's decode step again
-    # (31-47 s apiece for the 8B shape on the H100), and 8 models x 3 batches overrun a call.
+    # (13-63 s apiece for the 8B shape on the H100), and 8 models x 3 batches overrun a call.
     step smollm2-speed - "${CLI[@]}" sweep recipes/int8-channel.yaml recipes/int4-g64-sym.yaml \
         recipes/gptq-w4-g64-sym-actorder.yaml recipes/awq-w4-g64-sym.yaml \
         recipes/smoothquant-w8a8.yaml recipes/wanda-50.yaml recipes/sparsegpt-2of4-gptq-int4.yaml \
