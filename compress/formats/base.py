@@ -382,7 +382,9 @@ def rescale_output(acc: torch.Tensor, row_scale: torch.Tensor | None,
 
 
 # RowScaledLinear's 'inductor' kernel: for this many rows or more (prefill; decode rows run inside
-# the engine's compiled step, which traces the same code), and what its label adds.
+# the engine's compiled step, which traces the same code), and what its label adds. The same 17
+# as w8a8.CUDA_MIN_ROWS on purpose: below it W8A8's product takes its zero-padded branch, which
+# would be a second graph per weight shape and overrun dynamo's limit of 8.
 WHOLE_GRAPH_MIN_ROWS = 17
 WHOLE_GRAPH = "in one inductor graph (GEMM timed against Triton's, rescale fused)"
 
