@@ -7,10 +7,15 @@ device, lets the pass calibrate and compress it (the pass registers its own hook
 layer so the next layer sees compressed outputs. Layers, and the hidden states between them,
 wait on the model's device (the CPU when compressing a model larger than the GPU), so peak
 accelerator memory is about one layer plus one calibration batch's activations.
+
+With a compute dtype (CalibrationSettings.dtype), the layer forwards run under autocast, as GPU
+toolkits calibrate an fp16 model, while every hook's statistics and compression math stay in
+float32 (`full_precision`).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import functools
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +32,7 @@ class CalibrationData:
     samples: torch.Tensor
     batch_size: int = 8
     device: str | None = None     # compute device for one layer at a time; None: the model's
+    compute_dtype: torch.dtype | None = None  # autocast for layer forwards; None: weights' own
 
 
 # compress_layer(index, layer, forward) -> None or outputs; `forward()` runs every sample
@@ -75,8 +81,12 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.
 @torch.no_grad()
 def run_layerwise(model: nn.Module, samples: torch.Tensor, compress_layer: LayerFn,
                   device: str | torch.device | None = None, batch_size: int = 8,
-                  desc: str = "layers") -> list[torch.Tensor]:
-    """Compress every decoder layer in order; returns the final hidden states (per batch)."""
+                  desc: str = "layers", compute_dtype: torch.dtype | None = None
+                  ) -> list[torch.Tensor]:
+    """Compress every decoder layer in order; returns the final hidden states (per batch).
+
+    `compute_dtype` (bfloat16 / float16): the layer forwards run under autocast to it, so the
+    linears and attention compute in it. Hooks must then wrap their math in `full_precision`."""
     device = torch.device(device or next(model.parameters()).device)
     offload = next(model.parameters()).device
     # When the model waits on another device (a model larger than the GPU), the hidden states
@@ -89,8 +99,9 @@ def run_layerwise(model: nn.Module, samples: torch.Tensor, compress_layer: Layer
         layer = layers[index].to(device)
 
         def forward(layer=layer):
-            return [_first(layer(h.to(device), **batch_kwargs(kwargs, h.shape[0], full)))
-                    .to(offload) for h in hidden]
+            with _autocast(device, compute_dtype):
+                return [_first(layer(h.to(device), **batch_kwargs(kwargs, h.shape[0], full)))
+                        .to(offload, h.dtype) for h in hidden]
 
         outputs = compress_layer(index, layer, forward)
         hidden = outputs if outputs is not None else forward()
@@ -110,6 +121,7 @@ def batch_kwargs(kwargs: dict, rows: int, full: int) -> dict:
 def collect_linear_inputs(modules: dict[str, nn.Module], forward: Callable[[], None],
                           accumulate: Callable[[str, torch.Tensor], None]) -> None:
     """Run `forward()` once with hooks that pass each module's 2-D input to `accumulate`."""
+    accumulate = full_precision(accumulate)
     handles = [module.register_forward_pre_hook(
         lambda _m, args, name=name: accumulate(name, args[0].reshape(-1, args[0].shape[-1])))
         for name, module in modules.items()]
@@ -118,6 +130,22 @@ def collect_linear_inputs(modules: dict[str, nn.Module], forward: Callable[[], N
     finally:
         for handle in handles:
             handle.remove()
+
+
+def full_precision(hook: Callable) -> Callable:
+    """`hook` with autocast off: a hook runs inside the layer's forward, and under bfloat16
+    autocast its matmuls would run in bfloat16 too. A Gram matrix computed so is not even positive
+    semi-definite (GPTQ's Cholesky failed on SmolLM2's first layer); GPTQ's and SparseGPT's error
+    updates would lose their precision the same way."""
+    @functools.wraps(hook)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return hook(*args, **kwargs)
+    return run
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _first(output):

@@ -100,7 +100,7 @@ def compress_model(session: Session, recipe: Recipe):
         s.check()
         check_device(device, "calibration device")
         calib = CalibrationData(calibration_samples(session.corpus, s.samples, s.seq_len),
-                                s.batch_size, device)
+                                s.batch_size, device, s.compute_dtype())
     with PeakMemory(device) as peak:
         started = time.perf_counter()
         model = apply_recipe(model, recipe, calib)

@@ -64,6 +64,8 @@ def test_run_recipe_and_sweep(tmp_path):
      r"unknown field(s) color for pass 'rtn'"),
     (["quantize", "random:tiny", "--method", "gptq", "--calib-device", "tpu", "--out", "X"],
      "unknown calibration device 'tpu'; allowed: cpu, cuda, cuda:N"),
+    (["quantize", "random:tiny", "--method", "gptq", "--calib-dtype", "int8", "--out", "X"],
+     "calibration dtype must be one of bfloat16, float16"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys,
                                                          monkeypatch):

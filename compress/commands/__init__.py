@@ -56,6 +56,9 @@ def add_calibration_options(p) -> None:
     p.add_argument("--calib-device", default=None,
                    help="device that calibrates one layer at a time (default: --device); "
                         "cuda with --device cpu compresses a model larger than the GPU")
+    p.add_argument("--calib-dtype", default=None,
+                   help="what calibration forwards compute in: bfloat16 or float16 (default: the "
+                        "recipe's, else the weights' own); statistics stay float32")
 
 
 def apply_calibration_options(recipe, args) -> None:
@@ -64,6 +67,8 @@ def apply_calibration_options(recipe, args) -> None:
         recipe.calibration.samples = args.calib_samples
     if args.calib_seq_len is not None:
         recipe.calibration.seq_len = args.calib_seq_len
+    if args.calib_dtype is not None:
+        recipe.calibration.dtype = args.calib_dtype
     recipe.calibration.check()
     if args.calib_device:
         check_device(args.calib_device, "calibration device")

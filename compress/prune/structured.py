@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compress.adapters import adapter_for, set_submodule
-from compress.calibration import collect_linear_inputs, run_layerwise
+from compress.calibration import collect_linear_inputs, full_precision, run_layerwise
 from compress.errors import UserError
 from compress.evaluate.memory import parameter_count
 from compress.passes import register_pass
@@ -81,7 +81,8 @@ def _input_hessian(layer: nn.Module, name: str, forward) -> torch.Tensor:
 
 def _layer_stats(model, calib, measure, desc):
     """One layer-by-layer pass over the (unchanged) model: measure(index, layer, forward)."""
-    run_layerwise(model, calib.samples, measure, calib.device, calib.batch_size, desc)
+    run_layerwise(model, calib.samples, measure, calib.device, calib.batch_size, desc,
+                  compute_dtype=calib.compute_dtype)
 
 
 # ----- MLP channels -----------------------------------------------------------------------------
@@ -137,7 +138,8 @@ def mlp_channels(model: nn.Module, config: MLPChannelsConfig, calib) -> nn.Modul
             mlp.intermediate_size = len(keep)
         removed_by_layer[index] = len(removed)
 
-    run_layerwise(model, calib.samples, prune_layer, calib.device, calib.batch_size, "mlp-channels")
+    run_layerwise(model, calib.samples, prune_layer, calib.device, calib.batch_size, "mlp-channels",
+                  compute_dtype=calib.compute_dtype)
     # The config holds one width; with per-layer widths it holds the widest, and compress.json
     # records the exact shape of every linear that differs (compress.checkpoint).
     model.config.intermediate_size = max(keep_counts)
@@ -203,7 +205,8 @@ def heads(model: nn.Module, config: HeadsConfig, calib) -> nn.Module:
         attention.num_key_value_groups = len(q_keep) // len(kv_keep)
         removed_by_layer[index] = removed
 
-    run_layerwise(model, calib.samples, prune_layer, calib.device, calib.batch_size, "heads")
+    run_layerwise(model, calib.samples, prune_layer, calib.device, calib.batch_size, "heads",
+                  compute_dtype=calib.compute_dtype)
     cfg.head_dim = head_dim  # hidden_size // heads no longer gives it
     cfg.num_attention_heads = n_heads - remove_kv * group - remove_q * n_kv
     cfg.num_key_value_heads = n_kv - remove_kv
@@ -226,6 +229,7 @@ def block_influences(model: nn.Module, calib) -> list[float]:
     def measure(index, layer, forward):
         totals = [0.0, 0]
 
+        @full_precision
         def hook(_module, args, kwargs, output):
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = output[0] if isinstance(output, tuple) else output

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compress.adapters import adapter_for
-from compress.calibration import collect_linear_inputs, run_layerwise
+from compress.calibration import collect_linear_inputs, full_precision, run_layerwise
 from compress.errors import UserError
 from compress.passes import register_pass
 from compress.prune import masks
@@ -134,7 +134,8 @@ def _profile(model, config: SparsityConfig, calib, weighted: bool) -> list[float
         ratios[index] = masks.outlier_ratio(scores, config.owl_threshold)
 
     if weighted:
-        run_layerwise(model, calib.samples, measure, calib.device, calib.batch_size, "owl stats")
+        run_layerwise(model, calib.samples, measure, calib.device, calib.batch_size, "owl stats",
+                      compute_dtype=calib.compute_dtype)
     else:
         for index, layer in enumerate(layers):
             measure(index, layer, None)
@@ -156,7 +157,8 @@ def _run_pruning(model, config, calib, groups, prune_group, accumulate,
         return None
 
     batch = len(calib.samples) if config.sequential else calib.batch_size
-    run_layerwise(model, calib.samples, prune_layer, calib.device, batch, desc)
+    run_layerwise(model, calib.samples, prune_layer, calib.device, batch, desc,
+                  compute_dtype=calib.compute_dtype)
 
 
 def _prune_in_one_forward(index, layer, groups, forward, prune_group, accumulate):
@@ -165,6 +167,7 @@ def _prune_in_one_forward(index, layer, groups, forward, prune_group, accumulate
     the outputs are those of the pruned layer (the driver needs no second forward)."""
     done = set()
 
+    @full_precision
     def hook(names, x):
         if names[0] in done:
             raise RuntimeError("sequential pruning expects one batch per layer forward")

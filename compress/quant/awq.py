@@ -225,7 +225,7 @@ def awq(model: nn.Module, config: AWQConfig, calib: CalibrationData) -> nn.Modul
         chosen.append(alphas)
 
     run_layerwise(model, calib.samples, compress_layer, calib.device, calib.batch_size,
-                  desc="awq")
+                  desc="awq", compute_dtype=calib.compute_dtype)
     attach_report(model, "awq", {"alpha": {k: [c[k] for c in chosen] for k in chosen[0]},
                                  "v_to_o_scaled": heads is not None})
     return model

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from compress.adapters import adapter_for, set_submodule
-from compress.calibration import (CalibrationData, collect_linear_inputs, one_cpu_thread,
-                                  run_layerwise)
+from compress.calibration import (CalibrationData, collect_linear_inputs, full_precision,
+                                  one_cpu_thread, run_layerwise)
 from compress.errors import UserError
 from compress.formats import grid
 from compress.passes import register_pass
@@ -214,6 +214,7 @@ def _sequential_in_one_forward(layer: nn.Module, groups, config: GPTQConfig, for
     the quantized layer and the driver needs no second forward."""
     replaced: dict[str, nn.Module] = {}
 
+    @full_precision
     def hook(_module, args, names):
         if names[0] in replaced:
             raise RuntimeError("true_sequential GPTQ expects one batch per layer forward")
@@ -269,5 +270,6 @@ def gptq(model: nn.Module, config: GPTQConfig, calib: CalibrationData) -> nn.Mod
         return None
 
     batch = len(samples) if one_forward else calib.batch_size
-    run_layerwise(model, samples, compress_layer, calib.device, batch, desc="gptq")
+    run_layerwise(model, samples, compress_layer, calib.device, batch, desc="gptq",
+                  compute_dtype=calib.compute_dtype)
     return model

@@ -133,5 +133,5 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, calib) -> nn.Module
         quantize_layer(layer, adapter)
 
     run_layerwise(model, calib.samples, compress_layer, calib.device, calib.batch_size,
-                  desc="smoothquant")
+                  desc="smoothquant", compute_dtype=calib.compute_dtype)
     return model
