@@ -47,8 +47,9 @@ class CalibrationSettings:
     # What the calibration forwards compute in (autocast), as GPU toolkits calibrate an fp16
     # model; statistics and the compression math stay float32. None: the weights' own dtype.
     # On a CPU with native bfloat16 (AVX512-BF16, AMX) bfloat16 halves the matmul time: GPTQ of
-    # SmolLM2-135M took 88-93 s instead of 107-121 s, perplexity 14.720 against 14.719 (reports/
-    # smollm2-135m-calibrated). It changes what comes out, so it is in the recipe hash.
+    # SmolLM2-135M took 88-93 s instead of 107-121 s, perplexity 14.720 against 14.719; AWQ lost
+    # more (15.071 against 14.875: its grid searches moved), reports/smollm2-135m-calibrated.
+    # It changes what comes out, so it is in the recipe hash.
     dtype: str | None = None
 
     def __post_init__(self):
