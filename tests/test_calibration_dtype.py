@@ -96,3 +96,17 @@ def test_dtype_is_in_the_recipe_hash_only_when_set():
                             "t").resolved()
     assert "dtype" not in plain["calibration"] and half["calibration"]["dtype"] == "bfloat16"
     assert plain["hash"] != half["hash"]
+
+
+def test_reports_say_the_calibration_forwards_dtype():
+    from compress.reports.content import _recipe_table
+
+    def result(dtype):
+        calibration = {"samples": 64, "seq_len": 512, "source": "second half of the stream",
+                       **({"dtype": dtype} if dtype else {})}
+        return {"recipe": {"name": "g", "hash": "h", "passes": [{"pass": "gptq", "bits": 4}]},
+                "protocol": {"calibration": calibration}}
+
+    _, _, rows = _recipe_table([result("bfloat16"), result(None)])
+    assert rows[0][3].endswith(", forwards in bfloat16")
+    assert rows[1][3] == "64 x 512 tokens, second half of the stream"

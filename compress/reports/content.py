@@ -219,6 +219,7 @@ def _recipe_table(results: list[dict]) -> tuple:
             for p in recipe.get("passes", []))
         calib = r["protocol"].get("calibration")
         calib_text = (f"{calib['samples']} x {calib['seq_len']} tokens, {calib.get('source')}"
+                      + (f", forwards in {calib['dtype']}" if calib.get("dtype") else "")
                       if calib else "-")
         rows.append([recipe.get("name"), recipe.get("hash") or "-", passes, calib_text])
     return ("table", ["recipe", "hash", "passes", "calibration"], rows)
