@@ -22,16 +22,16 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-import torch
 import yaml
 
 import compress
 from compress.errors import UserError, choices
+from compress.formats.base import FLOAT_DTYPES
 from compress.passes import build_config, coerce, config_to_dict, pass_table
 from compress.prune.common import refresh_sparsity
 
 
-CALIBRATION_DTYPES = ("bfloat16", "float16")
+CALIBRATION_DTYPES = ("bfloat16", "float16")  # of FLOAT_DTYPES: autocast only lowers precision
 
 
 @dataclass
@@ -65,8 +65,9 @@ class CalibrationSettings:
             raise UserError(f"calibration dtype must be one of {', '.join(CALIBRATION_DTYPES)} "
                             f"(or unset: the weights' own), got {self.dtype!r}")
 
-    def compute_dtype(self) -> torch.dtype | None:
-        return None if self.dtype is None else getattr(torch, self.dtype)
+    def compute_dtype(self):
+        """The torch dtype the calibration forwards autocast to; None: none."""
+        return None if self.dtype is None else FLOAT_DTYPES[self.dtype]
 
 
 @dataclass

@@ -4,14 +4,12 @@ from __future__ import annotations
 import torch
 
 from compress.errors import UserError
+from compress.formats.base import FLOAT_DTYPES
 from compress.sources import check_device
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def add_model_options(parser) -> None:
     parser.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+    parser.add_argument("--dtype", default=None, choices=sorted(FLOAT_DTYPES),
                         help="float dtype (default: float32 on cpu, bfloat16 on cuda)")
 
 
@@ -31,7 +29,7 @@ def add_eval_options(parser, corpus_default: str = "pydoc") -> None:
 def resolve_dtype(args) -> torch.dtype:
     check_device(args.device)
     if args.dtype:
-        return DTYPES[args.dtype]
+        return FLOAT_DTYPES[args.dtype]
     return torch.float32 if args.device == "cpu" else torch.bfloat16
 
 

@@ -11,6 +11,9 @@ from torch import nn
 # Kernel names only: the module imports Triton itself lazily, at a kernel's first use.
 from compress.formats.triton_kernels import TRITON_GEMM, TRITON_GEMV
 
+# The float dtypes a user may name (--dtype, --calib-dtype, bnb compute_dtype), by name.
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # On the CPU, the most rows (tokens) for which torch's int8 / int4 weight-only kernels beat
 # dequantize + matmul, per activation dtype (torch 2.13, SmolLM2 shapes, 2-core machine). Half
 # precision: decode rows. float32: one row only. At 8 rows they lose or tie and at 1024 they are

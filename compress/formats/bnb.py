@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from compress.errors import UserError
-from compress.formats.base import QuantizedLinear
+from compress.formats.base import FLOAT_DTYPES, QuantizedLinear
 
 INT8_SCALE = 127.0
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NESTED_BLOCKSIZE = 256       # bitsandbytes quantizes absmax values in blocks of 256
 
 
@@ -205,18 +204,18 @@ class Bnb4bitLinear(QuantizedLinear):
                           offset=self.offset if self.double_quant else None, state2=nested)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or COMPUTE_DTYPES[self.compute_dtype]
+        dtype = dtype or FLOAT_DTYPES[self.compute_dtype]
         return bnb_functional().dequantize_4bit(self.qweight, self.quant_state(dtype))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = COMPUTE_DTYPES[self.compute_dtype]
+        compute = FLOAT_DTYPES[self.compute_dtype]
         bias = None if self.bias is None else self.bias.to(compute)
         return F.linear(x.to(compute), self.dequantize(compute), bias).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        compute = COMPUTE_DTYPES[self.compute_dtype]
+        compute = FLOAT_DTYPES[self.compute_dtype]
         bias = None if self.bias is None else self.bias.to(compute)
         out = bnb.matmul_4bit(x.to(compute), self.qweight.t(), quant_state=self.quant_state(compute),
                               bias=bias)
@@ -243,6 +242,6 @@ def check_4bit_options(blocksize: int, compute_dtype: str | None) -> None:
     if blocksize not in BLOCKSIZES:
         raise UserError(f"bitsandbytes 4-bit blocksize must be one of "
                         f"{', '.join(map(str, BLOCKSIZES))}; got {blocksize}")
-    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-        raise UserError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} "
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise UserError(f"compute_dtype must be one of {', '.join(FLOAT_DTYPES)} "
                         f"(or unset: the model's dtype); got {compute_dtype!r}")
