@@ -82,12 +82,22 @@ def evaluate(session: Session, model, settings: EvaluationSettings, recipe: dict
     if reference is not None:
         protocol["divergence"] = reference.describe()
     if recipe and _calibrated(recipe):
-        protocol["calibration"] = dict(recipe["calibration"], source=session.corpus.calib_source)
+        protocol["calibration"] = dict(recipe["calibration"], source=_calibration_source(
+            session, recipe))
     model_info = {"source": session.loaded.provenance.get("source"),
                   "provenance": session.loaded.provenance,
                   "architecture": getattr(model.config, "model_type", None),
                   "parameters": parameter_count(model)}
-    return build_results(model_info, recipe, protocol, metrics)
+    return build_results(model_info, recipe, protocol, metrics, session.device)
+
+
+def _calibration_source(session: Session, recipe: dict) -> str:
+    """Where the calibration samples came from. A checkpoint evaluated on another corpus than
+    the one it was calibrated on: the samples were not this corpus's calibration split."""
+    corpus = recipe.get("corpus")
+    if corpus in (None, session.corpus.name):
+        return session.corpus.calib_source
+    return f"corpus {corpus!r} (evaluated on {session.corpus.name!r})"
 
 
 def compress_model(session: Session, recipe: Recipe):

@@ -23,7 +23,7 @@ def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,
     model = loaded.model
     progress(f"measuring ceilings on {device}")
     ceil = measure_ceilings(cfg, device, dtype)
-    env = environment()
+    env = environment(device)
     if torch.device(device).type != "cuda":
         env["measured_on"] = "cpu: no GPU figure in this file"
     engine_rows, hf_rows, other_rows = [], [], []
@@ -155,6 +155,9 @@ def print_table(doc: dict, write=print) -> None:
                   f"{p['ttft_ms']:.2f} ms, {p['tokens_per_s']:,.0f} tokens/s")
         for d in row["decode"]:
             pct = d.get("pct_of_roofline")
+            if d["ms_per_token"] is None:
+                write(f"{row['name']:>14}: decode batch {d['batch']}: {d['note']}")
+                continue
             write(f"{row['name']:>14}: decode batch {d['batch']}: {d['ms_per_token']:.3f} ms/token, "
                   f"{d['tokens_per_s']:,.1f} tokens/s"
                   + (f", {pct:.1f}% of roofline" if pct is not None else ""))

@@ -62,9 +62,10 @@ def select_tokens(logits: torch.Tensor, sampling: Sampling,
     if sampling.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         probs = sorted_scores.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass; the most
-        # likely token is always kept.
-        drop = probs.cumsum(dim=-1) - probs > sampling.top_p
+        # Nucleus: the smallest set of top tokens holding at least top_p of the mass (as in
+        # transformers' TopPLogitsWarper). A token is dropped when the tokens ranked above it
+        # already hold top_p; the most likely token is always kept.
+        drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -77,7 +78,7 @@ class Engine:
     one-token step. The model must be in eval mode on its device; inputs live on that device.
     """
 
-    def __init__(self, model, compile: bool = False):
+    def __init__(self, model):
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "num_key_value_heads"):
             raise UserError("the inference engine needs a decoder-only transformers model with "
@@ -89,7 +90,6 @@ class Engine:
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.cache = None
         self.batch = self.max_len = 0
-        self.compile = compile
         self.compile_seconds: float | None = None
         self._step = self._eager_step
         self._compiled = None
@@ -106,8 +106,8 @@ class Engine:
     def allocate(self, batch: int, max_len: int) -> None:
         from transformers import StaticCache
 
-        if batch < 1 or max_len < 2:
-            raise UserError(f"batch must be >= 1 and max_len >= 2, got {batch} and {max_len}")
+        if batch < 1 or max_len < 1:  # one slot serves a one-token prefill (TTFT of N x 1)
+            raise UserError(f"batch and max_len must be >= 1, got {batch} and {max_len}")
         limit = getattr(self.config, "max_position_embeddings", None)
         if limit and max_len > limit:
             raise UserError(f"{max_len} tokens exceed the model's {limit} positions")

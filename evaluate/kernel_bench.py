@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
     doc = {"shape": args.shape, "group_size": args.group_size, "repeats": args.repeats,
-           "device": args.device, "environment": environment(), "records": []}
+           "device": args.device, "environment": environment(args.device), "records": []}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with torch.inference_mode():
         for name, (out_f, in_f) in linear_shapes(args.shape, args.linears.split(",")).items():

@@ -14,7 +14,8 @@ import compress
 from compress.errors import user_error_on
 
 
-def environment() -> dict:
+def environment(device=None) -> dict:
+    """Versions and machine; the GPU named is `device`'s (cuda:N), else the current one."""
     import transformers
 
     env = {"compress": compress.__version__, "torch": torch.__version__,
@@ -23,7 +24,7 @@ def environment() -> dict:
            "threads": torch.get_num_threads(), "gpu": None,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(_cuda_index(device))
         env["gpu"] = props.name
         env["gpu_memory_bytes"] = props.total_memory
         env["cuda"] = torch.version.cuda
@@ -31,20 +32,29 @@ def environment() -> dict:
     return env
 
 
+def _cuda_index(device) -> int:
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and device.index is not None:
+        return device.index
+    return torch.cuda.current_device()
+
+
 def _nvidia_driver() -> str | None:
+    """One host, one driver: the first GPU's line."""
     try:
         import subprocess
 
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        return (out.stdout.strip().splitlines() or [None])[0]
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def build_results(model_info: dict, recipe: dict | None, protocol: dict, metrics: dict) -> dict:
+def build_results(model_info: dict, recipe: dict | None, protocol: dict, metrics: dict,
+                  device=None) -> dict:
     return {"model": model_info, "recipe": recipe, "protocol": protocol, "metrics": metrics,
-            "environment": environment()}
+            "environment": environment(device)}
 
 
 def write_json(data: dict, path: str) -> None:

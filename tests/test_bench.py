@@ -126,6 +126,13 @@ def test_a_bench_killed_mid_run_leaves_its_measured_rows_and_no_output(tmp_path)
     assert "Incomplete" in (partial / "bench.md").read_text()
 
 
+def test_a_one_token_prefill_is_timed_like_any_other_shape(tiny_bench):
+    doc, _ = tiny_bench("--peers", "hf-eager", prefill="1x16,8x1")
+    for row in doc["rows"]:
+        shapes = {(p["batch"], p["tokens"]): p for p in row["prefill"]}
+        assert set(shapes) == {(1, 16), (8, 1)} and shapes[8, 1]["ttft_ms"] > 0, row["name"]
+
+
 def test_a_finished_bench_is_complete_with_our_engine_first(tiny_bench):
     doc, text = tiny_bench("--peers", "hf")
     assert "incomplete" not in doc and "Incomplete" not in text
@@ -255,3 +262,18 @@ def test_gpu_row_peaks_exclude_other_models_and_include_this_ones_kernel_layouts
         assert phase["model_peak_bytes"] == \
             phase["peak_allocated_bytes"] - row["other_resident_bytes"]
         assert row["weight_bytes"]["total"] <= phase["model_peak_bytes"] < other.nbytes
+
+
+def test_results_name_the_gpu_the_run_used_not_the_first(monkeypatch):
+    from types import SimpleNamespace
+
+    from compress.evaluate import results
+
+    gpus = ["NVIDIA A10", "NVIDIA H100 80GB HBM3"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name=gpus[i], total_memory=i + 1))
+    monkeypatch.setattr(results, "_nvidia_driver", lambda: "1.0")
+    assert results.environment("cuda:1")["gpu"] == gpus[1]
+    assert results.environment("cuda")["gpu"] == results.environment()["gpu"] == gpus[0]

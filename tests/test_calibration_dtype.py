@@ -110,3 +110,39 @@ def test_reports_say_the_calibration_forwards_dtype():
     _, _, rows = _recipe_table([result("bfloat16"), result(None)])
     assert rows[0][3].endswith(", forwards in bfloat16")
     assert rows[1][3] == "64 x 512 tokens, second half of the stream"
+
+
+@pytest.mark.parametrize("fmt", [{"pass": "rtn", "bits": 4, "group_size": 32},
+                                 {"pass": "rtn", "bits": 8, "group_size": 0},
+                                 {"pass": "fp8"}])   # w8a8 (smoothquant): below
+def test_quantized_layers_answer_in_the_autocast_dtype_as_nn_linear_does(fmt):
+    """A float16 model calibrated in bfloat16: a layer quantized earlier in the pass must hand on
+    bfloat16, as the nn.Linear it replaced did, or autocast meets two half dtypes and fails."""
+    from compress.passes import build_config, pass_table
+
+    session = Session.open("random:tiny", dtype=torch.float16)
+    model = copy.deepcopy(session.loaded.model)
+    spec = pass_table()[fmt["pass"]]
+    model = spec.apply(model, build_config(spec, {k: v for k, v in fmt.items() if k != "pass"}),
+                       None)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.float16)
+    with torch.no_grad():
+        plain = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lowered = layer(x)
+            linear = torch.nn.functional.linear(x, torch.zeros(3, layer.in_features,
+                                                               dtype=torch.float16))
+    assert plain.dtype == torch.float16 and lowered.dtype == linear.dtype == torch.bfloat16
+    torch.testing.assert_close(lowered.float(), plain.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("passes", [[{"pass": "smoothquant"}],
+                                    [{"pass": "awq", "bits": 4, "group_size": 32}]])
+def test_a_float16_model_calibrates_in_bfloat16(passes):
+    session = Session.open("random:tiny", dtype=torch.float16)
+    model = _calibrated(session, passes, "bfloat16")
+    tokens = eval_windows(session.corpus, 32, 2)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    assert logits.dtype == torch.float16 and torch.isfinite(logits).all()

@@ -122,6 +122,13 @@ def test_calibration_device_and_random_corpus(tmp_path, capsys):
     assert "compressed in" in capsys.readouterr().out
     recipe = json.loads((out / "compress.json").read_text())["recipe"]
     assert recipe["corpus"] == "random" and recipe["calibration"]["device"] == "cpu"
+    # Evaluated on another corpus, the results do not claim that corpus's calibration split.
+    for corpus, source in (("random", "uniform random token ids"),
+                           ("pydoc", "corpus 'random' (evaluated on 'pydoc')")):
+        file = tmp_path / f"{corpus}.json"
+        assert main(["eval", str(out), "--corpus", corpus, "--windows", "1", "--seq-len", "32",
+                     "--out", str(file)]) == 0
+        assert json.loads(file.read_text())["protocol"]["calibration"]["source"].startswith(source)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")

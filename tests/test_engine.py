@@ -111,6 +111,24 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     assert torch.equal(select_tokens(logits, Sampling(), gen), torch.zeros(2000, dtype=torch.long))
 
 
+def test_top_p_keeps_the_smallest_set_holding_top_p_as_transformers_does():
+    from transformers import TopPLogitsWarper
+
+    gen = torch.Generator().manual_seed(0)
+    # Four equal tokens, exact quarters: top_p 0.5 keeps two, 0.51 three (transformers alike).
+    for top_p, kept in ((0.5, 2), (0.51, 3), (0.25, 1)):
+        drawn = select_tokens(torch.zeros(4000, 4), Sampling(temperature=1.0, top_p=top_p), gen)
+        assert len(set(drawn.tolist())) == kept
+        hf = TopPLogitsWarper(top_p)(None, torch.zeros(1, 4))
+        assert int(torch.isfinite(hf).sum()) == kept
+    logits = torch.randn(8, 6, generator=gen)
+    for row in logits:
+        allowed = set(torch.isfinite(TopPLogitsWarper(0.7)(None, row[None]))[0].nonzero()[:, 0]
+                      .tolist())
+        drawn = select_tokens(row.repeat(3000, 1), Sampling(temperature=1.0, top_p=0.7), gen)
+        assert set(drawn.tolist()) == allowed
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_sampling_draws_from_the_softmax_at_the_temperature(temperature):
     logits = torch.tensor([[2.0, 1.0, 0.0]]).repeat(20000, 1)

@@ -104,3 +104,27 @@ def test_hf_rows_run_on_the_static_cache_each_row_needs(monkeypatch):
     # Prefill rows: their prompt (the one new token needs no slot); both decode runs: prompt +
     # new, what the longer one (new + 1 tokens) needs, as our engine allocates.
     assert lengths == [200, 50, 20, 20]
+
+
+def test_hf_decode_slower_than_noise_has_no_figure_rather_than_a_clamped_one(monkeypatch):
+    from compress.evaluate.bench import BenchConfig
+    from compress.evaluate.bench_run import markdown, print_table
+    from compress.sources import load_random
+
+    times = iter([0.010, 0.030, 0.020])   # prefill; decode generate(1), generate(new + 1)
+    monkeypatch.setattr(peers, "time_it", lambda *args: {"median_s": next(times)})
+    cfg = BenchConfig(batches=(1,), prompt=16, new=4, prefill=((1, 16),), warmup=0, repeats=1)
+    row = peers.bench_hf_generate(load_random("tiny").model.eval(), cfg, "cpu", {}, False)
+    (decode,) = row["decode"]
+    assert decode["ms_per_token"] is None and decode["tokens_per_s"] is None
+    assert "no decode time to report" in decode["note"]
+    lines = []
+    print_table({"rows": [row]}, lines.append)
+    assert lines[-1].endswith(decode["note"])
+    doc = {"model": {"source": "random:tiny", "dtype": "float32"}, "rows": [row],
+           "environment": {"torch": "2", "transformers": "5"},
+           "protocol": {"device": "cpu", "prompt": 16, "new_tokens": 4, "decode": "", "repeats": 1,
+                        "warmup": 0, "inputs": ""},
+           "ceilings": {"device": "cpu", "copy": {"bytes_per_s": 1e9},
+                        "matmul": {"dtype": "float32", "n": 8, "flop_per_s": 1e12}}}
+    assert "| hf-eager | 1 | - | - |" in markdown(doc)

@@ -199,3 +199,20 @@ def test_structured_runtime_errors(tiny_model, tokens):
     with pytest.raises(UserError, match="drop 2 leaves no decoder layer of the model's 2; "
                                         "allowed: 1 to 1"):
         _prune(tiny_model, "layers", tokens, drop=2)
+
+
+def test_dropping_layers_after_a_sparsity_pass_keeps_each_target_with_its_layer(tiny_model,
+                                                                               tokens):
+    from compress.prune.common import refresh_sparsity
+    from compress.prune.structured import drop_layers
+
+    a = adapter_for(tiny_model)
+    a.layers(tiny_model)[1].get_submodule(f"{a.mlp}.{a.gate}").weight.data[:, 3] *= 40
+    model = _prune(tiny_model, "wanda", tokens, sparsity=0.5, profile="owl", owl_lambda=0.05)
+    targets = model.compress_report["sparsity"]["target_per_layer"]
+    assert len(targets) == 2 and targets[0] != targets[1]
+    drop_layers(model, [0])
+    refresh_sparsity(model)
+    report = model.compress_report["sparsity"]
+    assert report["target_per_layer"] == [targets[1]]
+    assert report["per_layer"]["0"] == pytest.approx(targets[1], abs=1e-3)

@@ -291,3 +291,53 @@ def test_task_scores_compare_only_on_the_same_items():
     new["protocol"]["tasks"]["data_files"]["t"]["sha256"] = "2"
     with pytest.raises(UserError, match="tasks figures measured on different protocols"):
         results_frame([old, new])
+
+
+def test_a_recipe_that_failed_in_the_sweep_fails_the_gate(tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    _write(folder, baseline=result(ppl=10.0), a=result("a", ppl=10.1))
+    (folder / "failures.json").write_text(json.dumps({"b": "RuntimeError: out of memory"}))
+    assert main(["report", str(folder), "--max-ppl-increase", "2%"]) == 1
+    gate = [line for line in capsys.readouterr().out.splitlines() if line.startswith("GATE")]
+    assert gate == ["GATE FAILED b: the recipe failed in the sweep (RuntimeError: out of memory)"]
+    (folder / "a.json").unlink()           # only the failure is left to gate: still a failure
+    assert main(["report", str(folder), "--max-ppl-increase", "2%"]) == 1
+    assert main(["report", str(folder)]) == 0      # no thresholds: a report, not a gate
+
+
+@pytest.mark.parametrize("flags", [["--min-decode-speedup", "1"], ["--max-kl", "1"],
+                                   ["--min-decode-speedup", "1", "--decode-batch", "3"]])
+@pytest.mark.parametrize("out", ["r.md", "r.html", "rep"])
+def test_bad_gate_input_writes_no_report(tmp_path, capsys, flags, out):
+    paths = _write(tmp_path, old=result(ms=10), new=result("x"))
+    assert main(["report", "--baseline", paths["old"], paths["new"], "--out",
+                 str(tmp_path / out), *flags]) == 2
+    assert not (tmp_path / out).exists()
+    no_baseline = _write(tmp_path, a=result("a"), b=result("b"))
+    assert main(["report", no_baseline["a"], no_baseline["b"], "--out", str(tmp_path / out),
+                 "--max-ppl-increase", "1"]) == 2
+    assert not (tmp_path / out).exists()
+
+
+def _drop(doc: dict, *keys) -> dict:
+    inner = doc
+    for key in keys[:-1]:
+        inner = inner[key]
+    del inner[keys[-1]]
+    return doc
+
+
+@pytest.mark.parametrize("doc,message", [
+    ([1, 2], "a JSON list, not an object"),
+    (_drop(result("x"), "metrics", "perplexity"), "metrics.perplexity is not a number"),
+    (dict(result("x"), metrics=[]), "metrics.perplexity is not a number"),
+    (_drop(result("x"), "metrics", "weight_bytes", "linear"), "metrics.weight_bytes.total"),
+    (dict(result("x"), protocol=None), "protocol is not an object"),
+    (_drop(result("x", ms=1), "metrics", "speed", "decode"), "metrics.speed must hold"),
+])
+def test_a_results_file_of_another_shape_is_one_line_of_bad_input(tmp_path, capsys, doc, message):
+    paths = _write(tmp_path, old=result(), new=doc)
+    assert main(["report", paths["old"], paths["new"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a compress results file" in err and message in err and "\n" not in err

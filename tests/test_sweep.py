@@ -84,7 +84,9 @@ def test_sweep_writes_the_whole_report_folder(tmp_path, capsys):
 def test_sweep_refuses_bad_options_before_any_work(tmp_path, capsys):
     recipes = _recipes(tmp_path)
     for extra, message in ((["--tasks-dir", str(tmp_path)], "--tasks-dir needs --tasks"),
-                           (["--kl-cache-gb", "-1"], "--kl-cache-gb must be >= 0"),
+                           (["--kl-cache-gb", "-1"], "--kl-cache-gb must be a finite number"),
+                           (["--kl-cache-gb", "nan"], "--kl-cache-gb must be a finite number"),
+                           (["--kl-cache-gb", "inf"], "--kl-cache-gb must be a finite number"),
                            (["--bench", "--bench-batch", "0"], "must be >= 1"),
                            (["--windows", "100000", "--seq-len", "64"], "evaluation windows")):
         assert main(["sweep", *recipes, "--model", "random:tiny", "--out",

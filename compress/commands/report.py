@@ -79,7 +79,10 @@ def folder_failures(paths: list[str]) -> dict:
     for path in paths:
         file = os.path.join(path, "failures.json")
         if os.path.isdir(path) and os.path.isfile(file):
-            failures.update(_read_json(file))
+            data = _read_json(file)
+            if not isinstance(data, dict):
+                raise UserError(f"{file} is not a sweep's failure log ({{recipe: reason}})")
+            failures.update(data)
     return failures
 
 
@@ -88,10 +91,35 @@ def load_results(path: str) -> dict:
     if not os.path.isfile(file):
         raise UserError(f"results file {file!r} does not exist")
     data = _read_json(file)
+    problem = _shape_problem(data)
+    if problem:
+        raise UserError(f"{file} is not a compress results file ({problem})")
+    return data
+
+
+def _shape_problem(data) -> str | None:
+    """What a results file lacks that every report reads, or None: a JSON of another shape
+    gets one line naming the key, not a KeyError from deep inside the report."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
     missing = {"model", "recipe", "protocol", "metrics", "environment"} - set(data)
     if missing:
-        raise UserError(f"{file} is not a compress results file (missing {', '.join(sorted(missing))})")
-    return data
+        return f"missing {', '.join(sorted(missing))}"
+    if not isinstance(data["protocol"], dict):
+        return "protocol is not an object"
+    metrics = data["metrics"]
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("perplexity"), (int, float)):
+        return "metrics.perplexity is not a number"
+    weights = metrics.get("weight_bytes")
+    if not isinstance(weights, dict) or not all(
+            isinstance(weights.get(k), (int, float)) for k in ("total", "linear")):
+        return "metrics.weight_bytes.total and .linear must be numbers"
+    speed = metrics.get("speed")
+    if speed is not None and not (isinstance(speed, dict) and
+                                  isinstance(speed.get("prefill"), list) and
+                                  isinstance(speed.get("decode"), list)):
+        return "metrics.speed must hold prefill and decode lists"
+    return None
 
 
 def _read_json(file: str):
@@ -133,29 +161,43 @@ def run(args) -> int:
         if missing:
             print(f"no speed in --speed-from for: {', '.join(missing)}")
     failures = folder_failures(args.results)
+    # Every input check (the gate's included) runs before --out is written: bad input exits 2
+    # with nothing half-written.
+    gate = gate_lines(paths, results, baseline, args.baseline, limits, failures) \
+        if limits.any() else None
     text = markdown_report(results, baseline, args.title, failures)
     if args.out:
         write_output(args.out, results, baseline, args.title, text, args.overwrite, failures)
     print(text)
-    if not limits.any():
+    if gate is None:
         return 0
+    broken, gated = gate
+    for line in broken:
+        print(f"GATE FAILED {line}")
+    if not broken:
+        print(f"gate passed: {gated} result(s) within every threshold")
+    return 1 if broken else 0
+
+
+def gate_lines(paths, results, baseline, baseline_path, limits: Thresholds,
+               failures: dict) -> tuple[list[str], int]:
+    """(one line per broken threshold or failed recipe, number of results gated). A recipe that
+    failed in the sweep fails the gate: it has no figures that could hold any threshold."""
     base = baseline or next((r for r in results if not r.get("recipe")), None)
     if base is None:
         raise UserError("the gate needs a baseline: pass --baseline OLD.json or a results file "
                         "without a recipe")
     broken, gated = [], 0
     for path, result in zip(paths, results):
-        if result is base or (args.baseline and _same_file(path, args.baseline)):
+        if result is base or (baseline_path and _same_file(path, baseline_path)):
             continue
         gated += 1
         broken += check(_label(path, result), base, result, limits)
-    if not gated:
+    if not gated and not failures:
         raise UserError("the gate has nothing to check: give results other than the baseline")
-    for line in broken:
-        print(f"GATE FAILED {line}")
-    if not broken:
-        print(f"gate passed: {gated} result(s) within every threshold")
-    return 1 if broken else 0
+    broken += [f"{name}: the recipe failed in the sweep ({reason})"
+               for name, reason in failures.items()]
+    return broken, gated
 
 
 def write_output(out: str, results, baseline, title: str, markdown: str, overwrite: bool,

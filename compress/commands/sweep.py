@@ -4,6 +4,7 @@ report.html (self-contained), results.csv, plots, baseline.json and one JSON per
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 
@@ -128,7 +129,7 @@ class Measure:
 
             # Last: the engine prepares quantized layers' fast layouts on the model it times.
             row = bench_engine(model, self.bench, self.session.device, name, self.ceilings)
-            env = environment()
+            env = environment(self.session.device)
             on_gpu = is_cuda(self.session.device)  # a CPU run on a GPU host is a CPU run
             result["metrics"]["speed"] = {
                 **row, "device": self.session.device, "gpu": env["gpu"] if on_gpu else None,
@@ -165,8 +166,8 @@ def run(args) -> int:
                                      args.tasks_limit, args.tasks_batch_size, args.tasks_fewshot)
     elif args.tasks_dir:
         raise UserError("--tasks-dir needs --tasks NAME[,NAME] naming the tasks to run")
-    if args.kl_cache_gb < 0:
-        raise UserError(f"--kl-cache-gb must be >= 0, got {args.kl_cache_gb}")
+    if not math.isfinite(args.kl_cache_gb) or args.kl_cache_gb < 0:
+        raise UserError(f"--kl-cache-gb must be a finite number >= 0, got {args.kl_cache_gb}")
     check_output(args.out, args.overwrite)
     dtype = resolve_dtype(args)
     title = args.title or f"{args.model}: {', '.join(r.name for r in recipes)}"

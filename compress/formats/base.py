@@ -48,6 +48,16 @@ def drop_kernel_layouts(module: nn.Module) -> None:
             setattr(module, cached, None)
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the dtype an nn.Linear would compute in: under autocast (a float16 model calibrated
+    in bfloat16, say) the autocast dtype. A quantized layer that answered in x's own dtype would
+    hand the next op one half dtype beside the other, which autocast cannot reconcile."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def cpu_kernel_wins(x: torch.Tensor) -> bool:
     """Whether a CPU weight-only kernel is worth running on activations `x`."""
     return x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS.get(x.dtype, 0)
@@ -201,6 +211,7 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         self.kernel = "reference"
         return self.reference_forward(x)
 
@@ -342,6 +353,7 @@ class RowScaledLinear(QuantizedLinear):
         self.whole_graph = name == "inductor"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         rows = x.numel() // self.in_features
         if self.fast_fits(x.device, rows):
             if self.whole_graph and rows >= WHOLE_GRAPH_MIN_ROWS and \

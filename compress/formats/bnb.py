@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.errors import UserError
-from compress.formats.base import FLOAT_DTYPES, QuantizedLinear
+from compress.formats.base import FLOAT_DTYPES, QuantizedLinear, autocast_input
 
 INT8_SCALE = 127.0
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -115,6 +115,7 @@ class BnbInt8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' inference path of MatMul8bitLt, called directly: the autograd wrapper
         `bnb.matmul` logs a warning on every call whose input is not fp16."""
+        x = autocast_input(x)
         bnb_f = bnb_functional()
         flat = x.reshape(-1, self.in_features)
         ca, sca, outlier_cols = bnb_f.int8_vectorwise_quant(flat.to(torch.float16),
@@ -215,6 +216,7 @@ class Bnb4bitLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
 
+        x = autocast_input(x)
         compute = FLOAT_DTYPES[self.compute_dtype]
         bias = None if self.bias is None else self.bias.to(compute)
         out = bnb.matmul_4bit(x.to(compute), self.qweight.t(), quant_state=self.quant_state(compute),

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from compress.formats import grid
-from compress.formats.base import CUDA_KERNEL_MAX_ROWS, QuantizedLinear, fused_on_cuda
+from compress.formats.base import (CUDA_KERNEL_MAX_ROWS, QuantizedLinear, autocast_input,
+                                   fused_on_cuda)
 
 SYMMETRIC_ZERO = 8
 
@@ -85,6 +86,7 @@ class Int4Linear(QuantizedLinear):
         self._fast_key = (self.qweight.device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         out = self.chosen_forward(x)
         if out is not None:
             return out

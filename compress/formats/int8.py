@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from compress.formats import grid
-from compress.formats.base import QuantizedLinear, cpu_kernel_wins, fused_on_cuda
+from compress.formats.base import QuantizedLinear, autocast_input, cpu_kernel_wins, fused_on_cuda
 
 OFFSET = 128
 
@@ -54,6 +54,7 @@ class Int8Linear(QuantizedLinear):
                                dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         out = self.chosen_forward(x)
         if out is not None:
             return out

@@ -266,6 +266,11 @@ def drop_layers(model: nn.Module, indices: list[int]) -> nn.Module:
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in drop]
     cfg.num_hidden_layers = len(kept)
+    sparsity = (getattr(model, "compress_report", None) or {}).get("sparsity")
+    if sparsity and len(sparsity.get("target_per_layer") or []) == len(layers):
+        # An earlier sparsity pass's per-layer targets follow their layers, as the recount does.
+        attach_report(model, "sparsity", dict(sparsity, target_per_layer=[
+            t for i, t in enumerate(sparsity["target_per_layer"]) if i not in drop]))
     return model
 
 
