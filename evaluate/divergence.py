@@ -21,11 +21,11 @@ vocabulary and in float64 over positions.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from compress.evaluate.perplexity import perplexity_of
 
 DEFAULT_CACHE_BYTES = 4 << 30
 CACHE_DTYPE = torch.float16
@@ -120,7 +120,7 @@ def evaluate_windows(model, windows: torch.Tensor, batch_size: int = 1, device=N
                 agree += int((ref_top1 == top1).sum())
             index += 1
     mean = total_nll / tokens
-    out = {"perplexity": math.exp(mean), "nll": mean, "tokens": tokens}
+    out = {"perplexity": perplexity_of(mean), "nll": mean, "tokens": tokens}
     if reference is not None:
         out["kl_divergence"] = total_kl / tokens
         out["top1_agreement"] = agree / tokens

@@ -25,4 +25,13 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, device: str | 
         total_nll += nll.double().item()
         total_tokens += batch[:, 1:].numel()
     mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    return {"perplexity": perplexity_of(mean), "nll": mean, "tokens": total_tokens}
+
+
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean NLL); inf for a diverged model (math.exp overflows past ~709.78 nats), which the
+    report shows and the gate fails, instead of an OverflowError that loses the whole result."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf

@@ -140,3 +140,14 @@ def test_parameter_count_of_bitsandbytes_4bit_params_is_the_weight_shape(tiny):
                                                quant_type="nf4").to("cpu")
         assert mlp.up_proj.weight.numel() < mlp.up_proj.in_features * mlp.up_proj.out_features
     assert parameter_count(model) == before
+
+
+def test_llm_int8_reference_of_a_zero_token_is_the_bias_not_nan():
+    linear = _linear()
+    nn.init.normal_(linear.bias)
+    layer = BnbInt8Linear.from_float(linear, threshold=6.0)
+    x = torch.zeros(2, linear.in_features, dtype=torch.float16)
+    x[1, :3] = 50.0                                   # a token whose every nonzero is an outlier
+    out = layer.reference_forward(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0].float(), linear.bias.float(), rtol=1e-3, atol=1e-3)

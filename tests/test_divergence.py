@@ -113,3 +113,15 @@ def test_top1_is_taken_before_the_cache_rounds_the_log_probs():
     model, windows = _NearTie(), torch.randint(0, 16, (2, 8))
     ref, _ = _baseline(model, windows, cache=True, batch_size=1)
     assert evaluate_windows(model, windows, 1, "cpu", reference=ref)["top1_agreement"] == 1.0
+
+
+def test_a_diverged_model_has_infinite_perplexity_not_an_overflow(tiny_model):
+    windows = _windows(count=2)
+    ref, _ = _baseline(tiny_model, windows, cache=True)
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        broken.model.norm.weight.mul_(1e5)       # logits so large the mean NLL passes 710 nats
+    plain = perplexity(broken, windows, 2, "cpu")
+    out = evaluate_windows(broken, windows, 2, "cpu", reference=ref)
+    assert plain["nll"] > 710 and plain["perplexity"] == out["perplexity"] == float("inf")
+    assert out["kl_divergence"] > 0

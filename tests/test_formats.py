@@ -167,3 +167,30 @@ def test_int8_kernel_adds_the_bias(dtype):
     fast = q(x)
     assert q.kernel == "torch._weight_int8pack_mm"
     torch.testing.assert_close(fast.float(), q.reference_forward(x).float(), rtol=2e-2, atol=2e-3)
+
+
+def test_int8_kernel_takes_activations_that_are_not_contiguous():
+    q = quantized_linear(_linear(32, 64), 8, 0, True).to(torch.bfloat16)
+    x = torch.randn(64, 3).to(torch.bfloat16).t()      # a transposed view, strided last dim
+    out = q(x)
+    assert q.kernel == "torch._weight_int8pack_mm"
+    assert torch.equal(out, q(x.contiguous()))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_biased_layer_answers_in_the_autocast_dtype(bits, dtype):
+    """Under autocast the kernels answer in bfloat16; a bias added in the layer's own dtype
+    promoted the sum back (float32), unlike the nn.Linear the layer replaced."""
+    linear = _linear(32, 64, bias=True)
+    nn.init.normal_(linear.bias)
+    q = quantized_linear(linear.to(dtype), bits, 32 if bits == 4 else 0, True)
+    x = torch.randn(1, 64, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x)
+        expected = nn.functional.linear(x, q.dequantize(dtype), q.bias)
+    # int8's CPU kernel takes activations of its scales' dtype only: bfloat16 ones go to the
+    # reference, which answers in bfloat16 too.
+    assert (q.kernel != "reference") == (bits == 4)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)

@@ -283,3 +283,15 @@ def test_bad_cli_option_is_a_one_line_error(tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "gptq.act_order must be of type bool" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("options", [{}, {"act_order": True}])
+def test_gptq_rounds_against_the_scales_a_bfloat16_layer_stores(options):
+    w, x = random_weight(), correlated_inputs()
+    h = InputStats.from_input(x).hessian()
+    codes, scale, zero = gptq_quantize(w, h, 4, 32, False, storage_dtype=torch.bfloat16, **options)
+    assert torch.equal(scale.to(torch.bfloat16).float(), scale)
+    # Still GPTQ: below round-to-nearest on the same stored grid.
+    w_hat = grid.dequantize(codes, scale, zero, 32)
+    assert output_error(x, w, w_hat) < output_error(
+        x, w, grid.fake_quantize(w, 4, False, 32, storage_dtype=torch.bfloat16).float())

@@ -67,3 +67,37 @@ def test_asymmetric_grid_of_all_positive_weights_keeps_zero_and_half_a_step():
     assert ((back - w).abs() <= 0.5 * scale.repeat_interleave(32, 1) + 1e-7).all()
     assert grid.dequantize(zero.round().to(torch.uint8).repeat_interleave(32, 1), scale, zero,
                            32).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,symmetric,group_size", [(8, True, 0), (8, False, 32), (4, True, 64),
+                                                       (4, False, 64)])
+def test_codes_are_nearest_on_the_scale_the_layer_stores(dtype, bits, symmetric, group_size):
+    """A half-precision layer stores its scales in that dtype: the codes must be rounded against
+    that stored scale, not the float32 one it was computed as (int8 per channel in bfloat16 had
+    2.65x the weight error it needed)."""
+    from compress.quant.rtn import quantized_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64, bias=False).to(dtype)
+    layer = quantized_linear(linear, bits, group_size, symmetric)
+    stored = layer.scales.float()
+    scale, zero = grid.compute_qparams(linear.weight.data, bits, symmetric, group_size,
+                                       storage_dtype=dtype)
+    assert torch.equal(scale, stored)              # what the codes were chosen against
+    size = group_size or 128
+    codes = grid.quantize(linear.weight.data, scale, zero, bits, group_size).float()
+    exact = linear.weight.data.float() / stored.repeat_interleave(size, 1) + \
+        zero.repeat_interleave(size, 1)
+    inside = (exact >= 0) & (exact <= 2 ** bits - 1)
+    assert inside.float().mean() > 0.95
+    assert ((codes - exact).abs()[inside] <= 0.5 + 1e-4).all()
+    assert torch.equal(layer.dequantize(dtype), grid.fake_quantize(linear.weight.data, bits,
+                                                                  symmetric, group_size))
+
+
+def test_an_all_zero_group_keeps_a_nonzero_stored_scale():
+    scale, zero = grid.compute_qparams(torch.zeros(2, 64), 4, False, 32,
+                                       storage_dtype=torch.float16)
+    assert (scale > 0).all() and torch.isfinite(scale).all()
+    assert int(grid.quantize(torch.zeros(2, 64), scale, zero, 4, 32).max()) == int(zero.max())

@@ -341,3 +341,37 @@ def test_a_results_file_of_another_shape_is_one_line_of_bad_input(tmp_path, caps
     assert main(["report", paths["old"], paths["new"]]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not a compress results file" in err and message in err and "\n" not in err
+
+
+def test_a_baseline_inside_the_sweep_folder_is_one_row(tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    _write(folder, baseline=result(ppl=10.0), a=result("a", ppl=10.1))
+    assert main(["report", str(folder), "--baseline", str(folder / "baseline.json"),
+                 "--max-ppl-increase", "2%"]) == 0
+    out = capsys.readouterr().out
+    # One row in each of the two tables (quality, recipes), where it was two in each.
+    assert out.count("| baseline |") == 2 and "gate passed: 1 result(s)" in out
+
+
+def test_results_of_another_model_are_refused(tmp_path, capsys):
+    other = result("a")
+    other["model"] = dict(other["model"], source="random:llama3.2-1b")
+    paths = _write(tmp_path, old=result(), new=other)
+    assert main(["report", "--baseline", paths["old"], paths["new"], "--max-ppl-increase",
+                 "5%"]) == 2
+    assert "results of different models cannot be compared: random:tiny vs random:llama3.2-1b" \
+        in capsys.readouterr().err
+    # A checkpoint's provenance names the model it came from; one GGUF at two paths is one model.
+    for doc, source, sha in ((other, "random:tiny", None), (result(), "/a/m.gguf", "f00"),
+                             (result("b"), "/b/m.gguf", "f00")):
+        doc["model"]["provenance"] = {"source": source, **({"sha256": sha} if sha else {})}
+    assert results_frame([result(), other]).shape[0] == 2
+    assert results_frame([result(), result("b")]).shape[0] == 2
+
+
+def test_kl_of_a_compressed_baseline_says_what_it_was_measured_against():
+    plain = markdown_report([result("a", kl=0.1)], result(kl=0.0))
+    given = markdown_report([result("a", kl=0.1)], result("b", kl=0.05))
+    assert "reference of both is the baseline." in plain
+    assert "the uncompressed model of the sweep that measured them" in given

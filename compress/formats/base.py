@@ -266,7 +266,7 @@ class QuantizedLinear(nn.Module):
         kernel = TRITON_GEMV if rows_of(x) == 1 else TRITON_GEMM
         self.label(kernel, x, compiled=kernel)
         out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def label(self, eager: str, x: torch.Tensor, compiled: str | None = None) -> None:
         """Record the kernel an eager forward ran on `x`, and the one a compiled forward of the

@@ -57,7 +57,8 @@ def llm_int8_reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, thr
     outliers = a.abs() >= threshold if threshold > 0 else torch.zeros_like(a, dtype=torch.bool)
     cols = outliers.any(dim=0)
     row_max = a.masked_fill(outliers, 0).abs().amax(dim=1, keepdim=True)
-    ca = torch.round(a * (INT8_SCALE / row_max)).masked_fill(cols, 0)
+    # An all-zero (or all-outlier) token has no int8 part: code 0, not 0 * inf = NaN.
+    ca = torch.round(a * torch.where(row_max > 0, INT8_SCALE / row_max, 0.0)).masked_fill(cols, 0)
     w_int = cb.float()
     # Exact in float64: |sum| <= 127 * 127 * in, far below 2**53.
     acc = (ca.double() @ w_int.double().t()).float()

@@ -37,23 +37,34 @@ def check_group_size(name: str, in_features: int, group_size: int, bits: int = 8
 
 
 def compute_qparams(w: torch.Tensor, bits: int, symmetric: bool, group_size: int,
-                    clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    clip_ratio: float = 1.0, storage_dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per group: both of shape [out, groups], computed in float32.
 
     `clip_ratio` < 1 shrinks the range (AWQ's clipping search); 1.0 is plain min/max.
+    `storage_dtype`: the dtype the layer will store the scale in. The scale is rounded to it
+    first, so that codes are chosen against the scale the layer computes with (in bfloat16 a
+    float32 scale moves by up to 2**-9 of itself: +165% weight error for int8 per channel).
     """
     grouped = _grouped(w.float(), group_size)                 # [out, groups, size]
     maxq = 2 ** bits - 1
     if symmetric:
         amax = grouped.abs().amax(dim=-1) * clip_ratio
-        scale = (amax / (maxq / 2)).clamp(min=1e-8)
+        scale = _stored(amax / (maxq / 2), storage_dtype)
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         lo = grouped.amin(dim=-1).clamp(max=0) * clip_ratio
         hi = grouped.amax(dim=-1).clamp(min=0) * clip_ratio
-        scale = ((hi - lo) / maxq).clamp(min=1e-8)
+        scale = _stored((hi - lo) / maxq, storage_dtype)
         zero = torch.round(-lo / scale).clamp(0, maxq)
     return scale, zero
+
+
+def _stored(scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The float32 value of `scale` as stored in `dtype`, never zero (an all-zero group)."""
+    smallest = max(1e-8, torch.finfo(dtype).tiny) if dtype is not None else 1e-8
+    scale = scale.clamp(min=smallest)
+    return scale if dtype is None else scale.to(dtype).float()
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
@@ -72,9 +83,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_s
 
 
 def fake_quantize(w: torch.Tensor, bits: int, symmetric: bool, group_size: int,
-                  clip_ratio: float = 1.0) -> torch.Tensor:
-    """Round-trip through the grid, in w's dtype: what the quantized layer will compute with."""
-    scale, zero = compute_qparams(w, bits, symmetric, group_size, clip_ratio)
+                  clip_ratio: float = 1.0, storage_dtype: torch.dtype | None = None
+                  ) -> torch.Tensor:
+    """Round-trip through the grid, in w's dtype: what the quantized layer will compute with
+    when it stores its scales in `storage_dtype` (default: w's dtype)."""
+    scale, zero = compute_qparams(w, bits, symmetric, group_size, clip_ratio,
+                                  storage_dtype or w.dtype)
     return dequantize(quantize(w, scale, zero, bits, group_size), scale, zero, group_size, w.dtype)
 
 

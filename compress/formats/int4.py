@@ -96,7 +96,8 @@ class Int4Linear(QuantizedLinear):
         fast = getattr(self, "_fast", None)
         if fast is not None and fast.accepts(x):
             kernel, out = fast.kernel, fast(x)
-            out = out if self.bias is None else out + self.bias
+            # In the kernel's dtype: a float32 bias would promote a bfloat16 (autocast) output.
+            out = out if self.bias is None else out + self.bias.to(out.dtype)
         else:
             kernel, out = "reference", self.reference_forward(x)
         self.label(kernel, x)

@@ -61,7 +61,7 @@ class Int8Linear(QuantizedLinear):
         if self.symmetric and self.group_size == 0 and x.dtype == self.scales.dtype and \
                 x.device.type == "cpu" and cpu_kernel_wins(x):
             self.label("torch._weight_int8pack_mm", x)
-            flat = x.reshape(-1, self.in_features)
+            flat = x.reshape(-1, self.in_features).contiguous()  # the kernel needs unit stride
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scales[:, 0])
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias

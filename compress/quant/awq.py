@@ -80,7 +80,8 @@ def search_scales(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor
     for i in range(n_grid + 1):
         alpha = i / n_grid
         s = awq_scales(x_mean, alpha)
-        w_q = grid.fake_quantize(w * s, bits, symmetric, group_size) / s
+        w_q = grid.fake_quantize(w * s, bits, symmetric, group_size,
+                                 storage_dtype=weight.dtype) / s
         errors.append(float(output_error(w - w_q, gram)))
         if best is None or errors[-1] < best[0]:
             best = (errors[-1], s, alpha)
@@ -101,7 +102,7 @@ def clip_ratios(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size:
     best_err = best_ratio = None
     for i in range(max(1, int(max_shrink * n_grid))):
         ratio = 1.0 - i / n_grid
-        scale, zero = grid.compute_qparams(w, bits, symmetric, group_size, ratio)
+        scale, zero = grid.compute_qparams(w, bits, symmetric, group_size, ratio, weight.dtype)
         w_q = grid.dequantize(grid.quantize(w, scale, zero, bits, group_size), scale, zero,
                               group_size)
         d = (w - w_q).reshape(out_features, groups, size).transpose(0, 1)    # [groups, out, size]
@@ -199,7 +200,7 @@ def quantize_layer(layer: nn.Module, adapter, grams: dict[str, torch.Tensor],
             ratio = clip_ratios(linear.weight.data, grams[name], config.bits, config.group_size,
                                 config.symmetric, config.max_shrink, config.n_grid)
             scale, zero = grid.compute_qparams(linear.weight.data, config.bits, config.symmetric,
-                                               config.group_size, ratio)
+                                               config.group_size, ratio, linear.weight.dtype)
         set_submodule(layer, name, quantized_linear(linear, config.bits, config.group_size,
                                                     config.symmetric, scale=scale, zero=zero))
 

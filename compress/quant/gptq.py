@@ -84,7 +84,8 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  keep: torch.Tensor | None = None, static_groups: bool = False
+                  keep: torch.Tensor | None = None, static_groups: bool = False,
+                  storage_dtype: torch.dtype | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize w [out, in] against the Hessian h [in, in] of its inputs.
 
@@ -99,6 +100,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     `keep` (bool [out, in], optional): weights where it is False are held at exactly zero, as if
     the mask were re-applied after every error-feedback update. Zero is a grid point of both the
     symmetric and the (integer zero point) asymmetric grid, so they quantize to exact zeros.
+
+    `storage_dtype`: the dtype the layer stores scales in; codes are chosen against the scale as
+    stored (grid.compute_qparams).
     """
     out_features, columns = w.shape
     if h.shape != (columns, columns):
@@ -116,7 +120,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     size = group_size or columns
     static = act_order or static_groups or group_size == 0
     if static:
-        scale, zero = grid.compute_qparams(w, bits, symmetric, group_size)
+        scale, zero = grid.compute_qparams(w, bits, symmetric, group_size,
+                                           storage_dtype=storage_dtype)
     else:
         scale = w.new_empty(out_features, columns // size)
         zero = w.new_empty(out_features, columns // size)
@@ -150,7 +155,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
                 if not static and col % size == 0:
                     if keep_t is not None:   # qparams must not see re-filled pruned weights
                         block[i:i + size].mul_(keep_t[col:col + size])
-                    s, z = grid.compute_qparams(block[i:i + size].T, bits, symmetric, 0)
+                    s, z = grid.compute_qparams(block[i:i + size].T, bits, symmetric, 0,
+                                                storage_dtype=storage_dtype)
                     scale_t[g], zero_t[g] = s[:, 0], z[:, 0]
                 x = block[i]
                 if keep_t is not None:
@@ -182,7 +188,7 @@ def quantize_group(layer: nn.Module, names: tuple[str, ...], h: torch.Tensor,
     keep = (w != 0) if config.keep_zeros else None
     codes, scale, zero = gptq_quantize(w, h, config.bits, config.group_size, config.symmetric,
                                        config.act_order, config.damp, config.block_size, keep,
-                                       config.static_groups)
+                                       config.static_groups, linears[0].weight.dtype)
     out, start = {}, 0
     for name, linear in zip(names, linears):
         rows = slice(start, start + linear.out_features)

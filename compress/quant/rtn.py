@@ -58,7 +58,8 @@ def quantized_linear(linear: nn.Linear, bits: int, group_size: int, symmetric: b
     grid given by (scale, zero), computed from it by min/max when not given."""
     w = linear.weight.data if weight is None else weight
     if scale is None:
-        scale, zero = grid.compute_qparams(w, bits, symmetric, group_size)
+        scale, zero = grid.compute_qparams(w, bits, symmetric, group_size,
+                                           storage_dtype=linear.weight.dtype)
     q = grid.quantize(w, scale, zero, bits, group_size)
     bias = None if linear.bias is None else linear.bias.data
     return FORMAT_BY_BITS[bits].from_codes(q, scale, zero, group_size, symmetric, bias,

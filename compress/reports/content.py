@@ -24,9 +24,14 @@ def report_blocks(results: list[dict], baseline: dict | None = None, title: str 
         blocks += [("h", 2, "Failed recipes"),
                    ("table", ["recipe", "why (failures.json)"], sorted(failures.items()))]
     blocks += [("h", 2, "Quality and memory"), _quality_table(frame)]
-    blocks.append(("p", "Δ columns are against the baseline row. KL = KL(baseline || model) in "
+    # KL and top-1 were measured in the sweep, against its uncompressed model: a compressed
+    # baseline given with --baseline is not what they compare with.
+    reference = "the uncompressed model of the sweep that measured them, not the baseline row" \
+        if base.get("recipe") else "the baseline"
+    blocks.append(("p", "Δ columns are against the baseline row. KL = KL(reference || model) in "
                    "nats, mean over every predicted position of the evaluation windows; top-1 = "
-                   "share of positions where both models' most likely next token agree. Weights "
+                   "share of positions where both models' most likely next token agree; the "
+                   f"reference of both is {reference}. Weights "
                    "count every stored byte (embedding, linears, norms; a tied lm_head once); "
                    "sparsity is the share of zeros actually reached in the decoder linears."))
     tasks = task_columns(frame)

@@ -107,7 +107,12 @@ def speed_device(speed: dict) -> str:
 
 
 def check_comparable(base: dict, results: list[dict]) -> None:
-    """Deltas only mean something on one protocol: same windows, dtype, tasks and speed shapes."""
+    """Deltas only mean something on one model and one protocol: same windows, dtype, tasks and
+    speed shapes."""
+    for r in results:
+        if not same_model(base, r):
+            raise UserError(f"results of different models cannot be compared: "
+                            f"{_model_name(base)} vs {_model_name(r)}")
     want = {k: base["protocol"].get(k) for k in PROTOCOL_KEYS}
     for r in results:
         got = {k: r["protocol"].get(k) for k in PROTOCOL_KEYS}
@@ -127,6 +132,23 @@ def check_comparable(base: dict, results: list[dict]) -> None:
     if len(machines) > 1:
         raise UserError(f"speed figures measured on different machines cannot be compared: "
                         f"{', '.join(sorted(machines))}")
+
+
+def same_model(a: dict, b: dict) -> bool:
+    """The same source model (a checkpoint's provenance names the model it was made from): by
+    file hash where both have one (one GGUF found at two paths), else by source name."""
+    pa, pb = _provenance(a), _provenance(b)
+    if pa.get("sha256") and pb.get("sha256"):
+        return pa["sha256"] == pb["sha256"]
+    return _model_name(a) == _model_name(b)
+
+
+def _provenance(result: dict) -> dict:
+    return (result.get("model") or {}).get("provenance") or {}
+
+
+def _model_name(result: dict) -> str:
+    return str(_provenance(result).get("source") or (result.get("model") or {}).get("source"))
 
 
 def _compared(protocol: dict, keys) -> dict:
