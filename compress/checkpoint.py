@@ -21,7 +21,7 @@ from compress.adapters import set_submodule
 from compress.errors import UserError, user_error_on
 from compress.evaluate.results import default_mode
 from compress.formats import FORMATS
-from compress.formats.base import QuantizedLinear
+from compress.formats.base import FLOAT_DTYPES, QuantizedLinear
 from compress.prune.common import saved_reports
 
 WEIGHTS = "model.safetensors"
@@ -34,6 +34,30 @@ def check_output(out_dir: str, overwrite: bool) -> None:
     if os.path.exists(out_dir) and not overwrite:
         raise UserError(f"output {out_dir} exists; pass --overwrite to replace it")
     check_writable(out_dir)
+
+
+def check_out_spares_inputs(out: str, overwrite: bool, inputs: list[str], model: str | None
+                            ) -> None:
+    """Refuse an `out` inside the source model's folder (a source model is never modified,
+    --overwrite or not), and, where --overwrite would replace an existing `out`, one that is or
+    holds an input (the source model, a recipe, a corpus file, results to render) or the
+    current folder."""
+    root = os.path.realpath(out)
+    if isinstance(model, str) and os.path.isdir(model):
+        source = os.path.realpath(model)
+        if root.startswith(source + os.sep):   # `out` equal to it: the input check below
+            raise UserError(f"--out {out} lies inside the source model {model}; writing there "
+                            "would modify it, choose another --out")
+    if not overwrite or not os.path.exists(out):
+        return
+    cwd = os.getcwd()
+    for path in [*inputs, cwd]:
+        real = os.path.realpath(path)
+        if os.path.exists(path) and (real == root or real.startswith(root + os.sep)):
+            what = "the current folder" if path is cwd else f"the input {path}"
+            held = "is" if real == root else "holds"
+            raise UserError(f"--out {out} {held} {what}; --overwrite would delete it, choose "
+                            "another --out")
 
 
 def check_output_file(path: str, overwrite: bool) -> None:
@@ -138,7 +162,10 @@ def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
     from compress.sources import Loaded
 
     meta = read_meta(folder)
-    saved_dtype = getattr(torch, meta["dtype"])
+    saved_dtype = FLOAT_DTYPES.get(meta["dtype"])
+    if saved_dtype is None:
+        raise UserError(f"checkpoint {folder}: compress.json has dtype {meta['dtype']!r}; "
+                        f"allowed: {', '.join(FLOAT_DTYPES)}")
     config = AutoConfig.from_pretrained(folder)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)

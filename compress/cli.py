@@ -8,6 +8,7 @@ import os
 import sys
 
 from compress import __version__
+from compress.checkpoint import check_out_spares_inputs
 from compress.errors import UserError
 
 SUBCOMMANDS = ("quantize", "prune", "run", "eval", "report", "sweep", "bench")
@@ -36,34 +37,19 @@ INPUT_ARGS = ("model", "recipe", "recipes", "results", "baseline", "speed_from",
 
 
 def check_out_holds_no_input(args) -> None:
-    """`--out X --overwrite` replaces X: refuse when X is, or holds, something the command reads
-    (the source model, a recipe, the results a report renders) or the current folder, or lies
-    inside the source model's folder (a source model is never modified)."""
+    """`--out` must spare every input the command line names (compress.checkpoint.
+    check_out_spares_inputs); commands check again what a recipe names."""
     out = getattr(args, "out", None)
     if out is None:
         return
     if not out.strip():
         raise UserError("--out is empty; give the path of the output to write")
-    if not getattr(args, "overwrite", False) or not os.path.exists(out):
-        return
-    root = os.path.realpath(out)
     inputs = []
     for name in INPUT_ARGS:
         value = getattr(args, name, None)
         inputs += value if isinstance(value, list) else [value] if isinstance(value, str) else []
-    cwd = os.getcwd()
-    for path in [*inputs, cwd]:
-        real = os.path.realpath(path)
-        if os.path.exists(path) and (real == root or real.startswith(root + os.sep)):
-            what = "the current folder" if path is cwd else f"the input {path}"
-            held = "is" if real == root else "holds"
-            raise UserError(f"--out {out} {held} {what}; --overwrite would delete it, choose "
-                            "another --out")
-    model = getattr(args, "model", None)
-    if isinstance(model, str) and os.path.isdir(model) \
-            and root.startswith(os.path.realpath(model) + os.sep):
-        raise UserError(f"--out {out} lies inside the source model {model}; --overwrite would "
-                        "modify it, choose another --out")
+    check_out_spares_inputs(out, getattr(args, "overwrite", False), inputs,
+                            getattr(args, "model", None))
 
 
 def main(argv: list[str] | None = None) -> int:

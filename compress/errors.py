@@ -1,4 +1,5 @@
 """The one error type that reaches users as a one-line message and exit code 2."""
+import math
 from contextlib import contextmanager
 
 
@@ -7,6 +8,15 @@ class UserError(Exception):
 
     The message is a single line that says what was wrong and what is allowed.
     """
+
+
+def check_number(field: str, value: float, low: float, strict: bool = False,
+                 note: str = "") -> None:
+    """`value` finite and >= `low` (> with `strict`). Written as a positive test: NaN compares
+    False with everything, so a check written as `value < low` lets it through."""
+    if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        raise UserError(f"{field} must be a finite number {'>' if strict else '>='} {low:g}{note}; "
+                        f"got {value}")
 
 
 def choices(values) -> str:

@@ -21,8 +21,7 @@ from compress.evaluate.memory import parameter_count, weight_bytes
 from compress.evaluate.perplexity import perplexity
 from compress.evaluate.results import build_results, write_json
 from compress.evaluate.timing import PeakMemory
-from compress.passes import pass_table
-from compress.recipe import EvaluationSettings, Recipe, apply_recipe
+from compress.recipe import EvaluationSettings, Recipe, apply_recipe, calibrates
 from compress.sources import Loaded, check_device, load_model
 
 
@@ -81,7 +80,7 @@ def evaluate(session: Session, model, settings: EvaluationSettings, recipe: dict
                 "device": session.device}
     if reference is not None:
         protocol["divergence"] = reference.describe()
-    if recipe and _calibrated(recipe):
+    if recipe and calibrates(recipe):
         protocol["calibration"] = dict(recipe["calibration"], source=_calibration_source(
             session, recipe))
     model_info = {"source": session.loaded.provenance.get("source"),
@@ -154,13 +153,6 @@ def run_recipe(session: Session, recipe: Recipe, out_dir: str | None, overwrite:
         for name, doc in (extra_json or {}).items():
             write_json(doc, os.path.join(tmp, name))
     return results
-
-
-def _calibrated(recipe: dict) -> bool:
-    """Whether any pass of a resolved recipe read calibration data (RTN, for one, does not)."""
-    table = pass_table()
-    return any(table[p["pass"]].needs_calibration for p in recipe.get("passes") or ()
-               if p.get("pass") in table)
 
 
 def _dtype(model) -> torch.dtype:

@@ -144,12 +144,23 @@ TOP_LEVEL = {"name", "description", "model", "corpus", "calibration", "evaluatio
 
 
 def recipe_hash(resolved: dict) -> str:
-    # How a model is measured (bench) is not what it is.
+    """What the compressed model is: its source, passes and (where a pass reads them) the
+    calibration data. How it is measured (evaluation, bench) is not what it is."""
     body = {k: v for k, v in resolved.items()
-            if k not in ("hash", "compress_version", "name", "bench")}
-    if "calibration" in body:      # where a layer is calibrated does not change what comes out
+            if k not in ("hash", "compress_version", "name", "bench", "evaluation")}
+    if not calibrates(resolved):   # without a calibrating pass, neither corpus nor samples count
+        body.pop("calibration", None)
+        body.pop("corpus", None)
+    elif "calibration" in body:    # where a layer is calibrated does not change what comes out
         body["calibration"] = {k: v for k, v in body["calibration"].items() if k != "device"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def calibrates(resolved: dict) -> bool:
+    """Whether any pass of a resolved recipe reads calibration data (RTN, for one, does not)."""
+    table = pass_table()
+    return any(table[p["pass"]].needs_calibration for p in resolved.get("passes") or ()
+               if p.get("pass") in table)
 
 
 def load_recipe(path: str) -> Recipe:
@@ -160,7 +171,7 @@ def load_recipe(path: str) -> Recipe:
     try:
         with open(path) as handle:
             data = load_yaml(handle)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     default_name = os.path.splitext(os.path.basename(path))[0]
     return recipe_from_dict(data, default_name, where=path)
@@ -178,11 +189,14 @@ def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
     if data.get("model") is not None and not isinstance(data["model"], str):
         raise UserError(f"{where}: model must be a model source string such as smollm2-135m, "
                         f"got {data['model']!r}")
+    if "corpus" in data and not isinstance(data["corpus"], str):
+        raise UserError(f"{where}: corpus must be a corpus name or file such as pydoc, got "
+                        f"{data['corpus']!r}")
     return Recipe(
         name=check_name(str(data.get("name", default_name)), where),
         passes=[parse_pass(entry, f"{where}: passes[{i}]") for i, entry in enumerate(passes)],
         model=data.get("model"),
-        corpus=str(data.get("corpus", "pydoc")),
+        corpus=data.get("corpus", "pydoc"),
         calibration=_section(CalibrationSettings, data.get("calibration"), f"{where}: calibration"),
         evaluation=_section(EvaluationSettings, data.get("evaluation"), f"{where}: evaluation"),
         bench=(None if data.get("bench") is None else
@@ -205,18 +219,23 @@ def check_name(name: str, where: str) -> str:
 
 
 def load_yaml(stream):
-    """yaml.safe_load, but integers as YAML 1.2 reads them: an unquoted N:M pattern such as 2:4
-    stays the string '2:4' (YAML 1.1, PyYAML's default, reads it as 124 in base 60)."""
-    int_tag = "tag:yaml.org,2002:int"
+    """yaml.safe_load, but numbers as YAML 1.2 reads them: an unquoted N:M pattern such as 2:4
+    stays the string '2:4' (YAML 1.1, PyYAML's default, reads it as 124 in base 60), and 1e-2 is
+    the float 0.01 (YAML 1.1 wants a dot, 1.0e-2, and reads 1e-2 as a string)."""
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
     class Loader(yaml.SafeLoader):
         yaml_implicit_resolvers = {
-            first: [(tag, regexp) for tag, regexp in resolvers if tag != int_tag]
+            first: [(tag, regexp) for tag, regexp in resolvers if tag not in (int_tag, float_tag)]
             for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
+    # Integers first: a plain 5 matches both.
     Loader.add_implicit_resolver(int_tag, re.compile(
         r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
         list("-+0123456789"))
+    Loader.add_implicit_resolver(float_tag, re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
     return yaml.load(stream, Loader=Loader)
 
 

@@ -49,8 +49,9 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
 
         from compress.checkpoint import load_checkpoint
 
+        # AttributeError: compress.json names a module the model does not have.
         with user_error_on(f"checkpoint {source} is incomplete or corrupt", OSError, ValueError,
-                           KeyError, TypeError, SafetensorError):
+                           KeyError, TypeError, AttributeError, SafetensorError):
             loaded = load_checkpoint(source, dtype)
     elif os.path.isdir(source):
         loaded = _load_hf(source, dtype, local=True)

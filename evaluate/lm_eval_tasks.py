@@ -42,6 +42,13 @@ class TaskSettings:
     batch_size: int = 16
     num_fewshot: int | None = None  # None: each task's own default
 
+    def __post_init__(self):
+        for flag, value, low in (("--tasks-limit", self.limit, 1),
+                                 ("--tasks-batch-size", self.batch_size, 1),
+                                 ("--tasks-fewshot", self.num_fewshot, 0)):
+            if value is not None and value < low:
+                raise UserError(f"{flag} must be >= {low}, got {value}")
+
 
 def parse_task_names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
@@ -59,8 +66,6 @@ class TaskRunner:
         self.settings = settings
         if settings.tasks_dir is not None and not os.path.isdir(settings.tasks_dir):
             raise UserError(f"--tasks-dir {settings.tasks_dir!r} is not a folder")
-        if settings.limit is not None and settings.limit < 1:
-            raise UserError(f"--tasks-limit must be >= 1, got {settings.limit}")
         self.specs = [self._bundled(name, workdir) if name in BUNDLED else name
                       for name in settings.names]
         with _quiet():

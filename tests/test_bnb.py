@@ -100,7 +100,8 @@ def test_bnb_checkpoint_reloads_bit_identical(tiny, tokens, tmp_path, method, fi
 @pytest.mark.parametrize("method,fields,message", [
     ("bnb-nf4", {"blocksize": 48}, "blocksize must be one of"),
     ("bnb-fp4", {"compute_dtype": "int8"}, "compute_dtype must be one of"),
-    ("bnb-int8", {"threshold": -1.0}, "threshold must be >= 0"),
+    ("bnb-int8", {"threshold": -1.0}, "threshold must be a finite number >= 0"),
+    ("bnb-int8", {"threshold": float("nan")}, "threshold must be a finite number >= 0"),
 ])
 def test_bad_options_are_user_errors(method, fields, message):
     with pytest.raises(UserError, match=message):

@@ -66,6 +66,14 @@ def test_run_recipe_and_sweep(tmp_path):
      "unknown calibration device 'tpu'; allowed: cpu, cuda, cuda:N"),
     (["quantize", "random:tiny", "--method", "gptq", "--calib-dtype", "int8", "--out", "X"],
      "calibration dtype must be one of bfloat16, float16"),
+    (["quantize", "random:tiny", "--method", "rtn", "--bits", "8", "--option", "bits=4", "--out",
+      "X"], "--option bits=4 sets bits again, after --bits; give it once"),
+    (["quantize", "random:tiny", "--method", "rtn", "--windows", "3", "--out", "X"],
+     "--windows has no effect without --eval"),
+    (["quantize", "random:tiny", "--method", "rtn", "--corpus", "random", "--out", "X"],
+     "--corpus has no effect without --eval (rtn does not calibrate)"),
+    (["quantize", "random:tiny", "--method", "fp8", "--calib-samples", "4", "--out", "X"],
+     "--calib-samples has no effect: fp8 does not calibrate"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys,
                                                          monkeypatch):

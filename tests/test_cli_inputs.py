@@ -20,10 +20,17 @@ def _files(root):
     (root / "ck").mkdir()
     (root / "ck" / "compress.json").write_text("{}")
     (root / "ck" / "config.json").write_text("{}")
+    (root / "ck2").mkdir()
+    (root / "ck2" / "compress.json").write_text('{"dtype": "foo"}')
+    (root / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
+    (root / "data").mkdir()
+    (root / "data" / "corp.txt").write_text("some text " * 50)
     for name, recipe in {"escape": "name: ../escaped\npasses:\n  - {pass: rtn}\n",
                          "reserved": "name: baseline\npasses:\n  - {pass: rtn}\n",
                          "listpass": "passes:\n  - {pass: [rtn]}\n",
-                         "intmodel": "model: 123\npasses:\n  - {pass: rtn}\n"}.items():
+                         "intmodel": "model: 123\npasses:\n  - {pass: rtn}\n",
+                         "ckmodel": "model: ck\npasses:\n  - {pass: rtn}\n",
+                         "corpfile": "corpus: data/corp.txt\npasses:\n  - {pass: rtn}\n"}.items():
         (root / f"{name}.yaml").write_text(recipe)
 
 
@@ -39,6 +46,9 @@ def _files(root):
     (["eval", "random:tiny", "--corpus", "bad.jsonl"], "'bad.jsonl' is not valid jsonl"),
     (["eval", "random:tiny", "--corpus", "num.jsonl"], "every 'text' value must be a string"),
     (["eval", "ck"], "checkpoint ck is incomplete or corrupt"),
+    (["eval", "ck2"], "checkpoint ck2: compress.json has dtype 'foo'; allowed: float32"),
+    (["run", "binary.yaml", "--model", "random:tiny", "--out", "X"],
+     "recipe binary.yaml is not valid YAML: 'utf-8' codec can't decode"),
     (["report", "ck"], "checkpoint 'ck' has no results.json (written without --eval)"),
     (["eval", "bad.gguf"], "could not read GGUF file bad.gguf"),
     (["sweep", "escape.yaml", "--model", "random:tiny", "--out", "X"],
@@ -55,6 +65,16 @@ def _files(root):
      "--out listpass.yaml is the input listpass.yaml"),
     (["eval", "ck", "--out", "ck/config.json", "--overwrite"],
      "--out ck/config.json lies inside the source model ck"),
+    # Inside the source model is refused whether or not the output exists or --overwrite is given.
+    (["quantize", "ck", "--method", "rtn", "--out", "ck/sub"], "--out ck/sub lies inside the source"),
+    (["eval", "ck", "--out", "ck/r.json"], "--out ck/r.json lies inside the source model ck"),
+    # What only the recipe names is spared too.
+    (["run", "ckmodel.yaml", "--out", "ck", "--overwrite"], "--out ck is the input ck"),
+    (["run", "ckmodel.yaml", "--out", "ck/x"], "--out ck/x lies inside the source model ck"),
+    (["run", "corpfile.yaml", "--model", "random:tiny", "--out", "data", "--overwrite"],
+     "--out data holds the input data/corp.txt"),
+    (["sweep", "corpfile.yaml", "--model", "random:tiny", "--out", "data", "--overwrite"],
+     "--out data holds the input data/corp.txt"),
     (["report", "afile", "--out", "r.json"], "a report is written as FILE.md, FILE.html or a folder"),
 ])
 def test_bad_files_and_values_are_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
@@ -104,3 +124,17 @@ def test_an_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
     assert main(["eval", "random:tiny"]) == 130
     assert capsys.readouterr().err == ("compress eval: interrupted; its unfinished outputs were "
                                        "removed\n")
+
+
+def test_a_checkpoint_naming_a_module_its_model_lacks_is_one_line(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert main(["quantize", "random:tiny", "--method", "rtn", "--bits", "8", "--out",
+                 str(ck)]) == 0
+    meta = json.loads((ck / "compress.json").read_text())
+    name = next(iter(meta["modules"]))
+    meta["modules"]["model.nope.q"] = meta["modules"].pop(name)
+    (ck / "compress.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["eval", str(ck), *EVAL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"checkpoint {ck} is incomplete or corrupt" in err and "\n" not in err

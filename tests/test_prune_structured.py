@@ -187,6 +187,14 @@ def test_head_energy_matches_direct_computation():
     ("mlp-channels", {"scope": "model"}, "scope must be one of layer, global"),
     ("heads", {"mode": "random"}, "mode must be one of kv-groups, query"),
     ("layers", {"drop": 0}, "drop must be at least 1"),
+    ("mlp-channels", {"damp": float("nan")}, "damp must be a finite number >= 0"),
+    ("heads", {"damp": float("inf")}, "damp must be a finite number >= 0"),
+    ("heads", {"damp": -5.0}, "damp must be a finite number >= 0"),
+    # The unstructured passes' options, refused before any calibration forward.
+    ("sparsegpt", {"damp": float("nan")}, "damp must be a finite number >= 0"),
+    ("wanda", {"profile": "owl", "owl_threshold": float("nan")}, "owl_threshold must be a finite"),
+    ("magnitude", {"owl_threshold": -1.0}, "owl_threshold must be a finite number > 0"),
+    ("wanda", {"profile": "owl", "owl_lambda": 0.7}, r"owl lambda must be in \[0, 0.5\)"),
 ])
 def test_structured_config_errors(name, fields, message):
     with pytest.raises(UserError, match=message):

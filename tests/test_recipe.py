@@ -40,6 +40,8 @@ def test_group_size_default_depends_on_bits():
     (_recipe(calibration={"samples": 0}), r"calibration samples must be a positive integer"),
     (_recipe(calibration={"batch_size": -1}), r"calibration batch_size must be a positive"),
     (["not", "a", "mapping"], r"must be a mapping"),
+    (_recipe(corpus=None), r"corpus must be a corpus name or file such as pydoc, got None"),
+    (_recipe(corpus=5), r"corpus must be a corpus name or file such as pydoc, got 5"),
 ])
 def test_bad_recipes_are_rejected(data, message):
     with pytest.raises(UserError, match=message):
@@ -62,3 +64,23 @@ def test_missing_and_invalid_recipe_files(tmp_path):
     bad.write_text("passes: [\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(str(bad))
+
+
+def test_the_hash_names_what_the_model_is_not_how_it_is_measured():
+    def digest(**overrides):
+        return recipe_from_dict(_recipe(**overrides), "r").resolved()["hash"]
+
+    plain = digest()
+    assert digest(evaluation={"windows": 3, "enabled": False}) == plain
+    # RTN reads no calibration data: neither the corpus nor the samples change its weights.
+    assert digest(corpus="random", calibration={"samples": 4}) == plain
+    gptq = [{"pass": "gptq", "bits": 4, "group_size": 64}]
+    assert digest(passes=gptq) != digest(passes=gptq, corpus="random") != \
+        digest(passes=gptq, calibration={"samples": 4})
+
+
+def test_yaml_numbers_read_as_yaml_1_2(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - {pass: sparsegpt, damp: 1e-2, pattern: 2:4}\n")
+    config = load_recipe(str(recipe)).passes[0][1]
+    assert config.damp == 0.01 and config.pattern == "2:4"

@@ -88,7 +88,17 @@ def test_sweep_refuses_bad_options_before_any_work(tmp_path, capsys):
                            (["--kl-cache-gb", "nan"], "--kl-cache-gb must be a finite number"),
                            (["--kl-cache-gb", "inf"], "--kl-cache-gb must be a finite number"),
                            (["--bench", "--bench-batch", "0"], "must be >= 1"),
-                           (["--windows", "100000", "--seq-len", "64"], "evaluation windows")):
+                           (["--windows", "100000", "--seq-len", "64"], "evaluation windows"),
+                           # Flags whose switch is off would be ignored: refused instead.
+                           (["--bench-repeats", "-4"], "--bench-repeats has no effect without "
+                                                       "--bench"),
+                           (["--compile"], "--compile has no effect without --bench"),
+                           (["--bench-fuse-projections"], "--bench-fuse-projections has no"),
+                           (["--tasks-limit", "5"], "--tasks-limit needs --tasks"),
+                           (["--tasks", "pydoc_mc", "--tasks-batch-size", "0"],
+                            "--tasks-batch-size must be >= 1, got 0"),
+                           (["--tasks", "pydoc_mc", "--tasks-fewshot", "-3"],
+                            "--tasks-fewshot must be >= 0, got -3")):
         assert main(["sweep", *recipes, "--model", "random:tiny", "--out",
                      str(tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err
@@ -142,3 +152,13 @@ def _rendered(folder, tmp_path, capsys) -> str:
     assert main(["report", str(folder), "--out", str(tmp_path / "again.md")]) == 0
     capsys.readouterr()
     return (tmp_path / "again.md").read_text()
+
+
+def test_a_recipe_bench_section_is_refused_not_ignored(tmp_path, capsys):
+    timed = tmp_path / "timed.yaml"
+    timed.write_text(yaml.safe_dump({"name": "timed", "bench": {"batches": "1"},
+                                     "passes": [{"pass": "rtn", "bits": 8}]}))
+    assert main(["sweep", str(timed), "--model", "random:tiny", "--out", str(tmp_path / "x")]) == 2
+    assert "recipe timed has a bench section, which compress sweep does not read" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -56,8 +56,31 @@ def pass_fields(args, flags) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--option expects FIELD=VALUE, got {item!r}")
-        fields[key.replace("-", "_")] = load_yaml(value)
+        field = key.replace("-", "_")
+        if field in fields:  # one value per field, not the last one silently
+            given = f"--{field.replace('_', '-')}" if field in flags else f"--option {field}"
+            raise UserError(f"--option {item} sets {field} again, after {given}; give it once")
+        fields[field] = load_yaml(value)
     return fields
+
+
+def check_flags_have_effect(args, recipe: Recipe) -> None:
+    """Evaluation flags without --eval, and calibration flags for a pass that does not
+    calibrate, would be accepted and ignored: refuse them instead."""
+    calibrates = recipe.needs_calibration()
+    no_eval = "has no effect without --eval"
+    no_calib = f"has no effect: {args.method} does not calibrate"
+    for flag, value, used, why in (
+            ("--windows", args.windows, args.eval, no_eval),
+            ("--seq-len", args.seq_len, args.eval, no_eval),
+            ("--batch-size", args.batch_size, args.eval, no_eval),
+            ("--corpus", args.corpus, args.eval or calibrates, f"{no_eval} ({args.method} does not calibrate)"),
+            ("--calib-samples", args.calib_samples, calibrates, no_calib),
+            ("--calib-seq-len", args.calib_seq_len, calibrates, no_calib),
+            ("--calib-device", args.calib_device, calibrates, no_calib),
+            ("--calib-dtype", args.calib_dtype, calibrates, no_calib)):
+        if value is not None and not used:
+            raise UserError(f"{flag} {why}")
 
 
 def run_single_pass(args: argparse.Namespace, kind: str, flags) -> int:
@@ -68,6 +91,7 @@ def run_single_pass(args: argparse.Namespace, kind: str, flags) -> int:
     check_output(args.out, args.overwrite)
     recipe = Recipe(name=recipe_name(args.method, config), passes=[(args.method, config)],
                     model=args.model)
+    check_flags_have_effect(args, recipe)
     apply_calibration_options(recipe, args)
     apply_eval_options(recipe, args)
     session = Session.open(args.model, recipe.corpus, args.device, resolve_dtype(args))

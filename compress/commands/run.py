@@ -2,7 +2,7 @@
 when the recipe has a `bench` section, time the model before and after (OUT/baseline.json)."""
 from __future__ import annotations
 
-from compress.checkpoint import check_output
+from compress.checkpoint import check_out_spares_inputs, check_output
 from compress.commands import (add_calibration_options, add_eval_options, add_model_options,
                                apply_calibration_options, apply_eval_options, resolve_dtype)
 from compress.commands.bench import build_bench_config
@@ -35,6 +35,8 @@ def run(args) -> int:
     recipe.model = args.model or recipe.model
     if not recipe.model:
         raise UserError(f"recipe {args.recipe} names no model; pass --model")
+    # The command line's inputs were checked in compress.cli; the recipe's model and corpus too.
+    check_out_spares_inputs(args.out, args.overwrite, [recipe.model, recipe.corpus], recipe.model)
     check_output(args.out, args.overwrite)
     apply_calibration_options(recipe, args)
     apply_eval_options(recipe, args)

@@ -10,7 +10,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from compress.checkpoint import atomic_output_dir, check_output
+from compress.checkpoint import atomic_output_dir, check_out_spares_inputs, check_output
 from compress.commands import (add_calibration_options, add_eval_options, add_model_options,
                                apply_calibration_options, apply_eval_options, resolve_dtype)
 from compress.commands.bench import (add_runtime_switches, build_bench_config, runtime_switches,
@@ -27,6 +27,12 @@ from compress.reports import markdown_report, write_report_files
 
 # How a recipe's failure is labelled when its input was bad (a UserError): the sweep exits 2.
 BAD_INPUT = "bad input"
+# The --bench-* flags' defaults. The flags themselves default to None, so that one given without
+# --bench is refused rather than ignored.
+BENCH_DEFAULTS = {"bench_batch": "1,8,32", "bench_prompt": 512, "bench_new": 128,
+                  "bench_prefill": "1x2048,8x512", "bench_warmup": 2, "bench_repeats": 5,
+                  "bench_kernel": ""}
+TASKS_BATCH_SIZE = 16
 
 
 def add_parser(subparsers) -> None:
@@ -55,19 +61,19 @@ def add_parser(subparsers) -> None:
     t.add_argument("--tasks-limit", type=int, default=None, help="documents per task (default all)")
     t.add_argument("--tasks-fewshot", type=int, default=None, help="few-shot examples (default: "
                                                                    "each task's own)")
-    t.add_argument("--tasks-batch-size", type=int, default=16, help="lm-eval batch size (16)")
+    t.add_argument("--tasks-batch-size", type=int, default=None, help="lm-eval batch size (16)")
     b = p.add_argument_group("speed (the compress engine, evaluate/bench.py)")
     b.add_argument("--bench", action="store_true",
                    help="measure prefill and decode speed of the baseline and every recipe")
-    b.add_argument("--bench-batch", default="1,8,32", help="decode batch sizes (1,8,32)")
-    b.add_argument("--bench-prompt", type=int, default=512, help="decode prompt tokens (512)")
-    b.add_argument("--bench-new", type=int, default=128, help="timed decode tokens (128)")
-    b.add_argument("--bench-prefill", default="1x2048,8x512",
+    b.add_argument("--bench-batch", default=None, help="decode batch sizes (1,8,32)")
+    b.add_argument("--bench-prompt", type=int, default=None, help="decode prompt tokens (512)")
+    b.add_argument("--bench-new", type=int, default=None, help="timed decode tokens (128)")
+    b.add_argument("--bench-prefill", default=None,
                    help="prefill shapes BATCHxTOKENS (1x2048,8x512)")
-    b.add_argument("--bench-warmup", type=int, default=2, help="warm-up runs (2)")
-    b.add_argument("--bench-repeats", type=int, default=5, help="timed runs, median kept (5)")
+    b.add_argument("--bench-warmup", type=int, default=None, help="warm-up runs (2)")
+    b.add_argument("--bench-repeats", type=int, default=None, help="timed runs, median kept (5)")
     b.add_argument("--compile", action="store_true", help="compile the decode step")
-    b.add_argument("--bench-kernel", default="", metavar="FORMAT=KERNEL[,...]",
+    b.add_argument("--bench-kernel", default=None, metavar="FORMAT=KERNEL[,...]",
                    help="kernel per layer format instead of the measured default, e.g. "
                         "int4=triton; layers of other formats keep theirs")
     add_runtime_switches(b, "bench-")  # the baseline runs with them too
@@ -76,11 +82,20 @@ def add_parser(subparsers) -> None:
 
 def bench_config(args):
     if not args.bench:
+        given = [f"--{dest.replace('_', '-')}" for dest in BENCH_DEFAULTS
+                 if getattr(args, dest) is not None]
+        given += [flag for flag, on in ({"--compile": args.compile} | {
+            flag: runtime_switches(args, "bench-")[field]
+            for field, flag in switch_flags("bench-").items()}).items() if on]
+        if given:
+            raise UserError(f"{given[0]} has no effect without --bench")
         return None
-    settings = BenchSettings(batches=args.bench_batch, prompt=args.bench_prompt,
-                             new=args.bench_new, prefill=args.bench_prefill,
-                             warmup=args.bench_warmup, repeats=args.bench_repeats,
-                             compile=args.compile, kernel=args.bench_kernel,
+    value = {dest: BENCH_DEFAULTS[dest] if getattr(args, dest) is None else getattr(args, dest)
+             for dest in BENCH_DEFAULTS}
+    settings = BenchSettings(batches=value["bench_batch"], prompt=value["bench_prompt"],
+                             new=value["bench_new"], prefill=value["bench_prefill"],
+                             warmup=value["bench_warmup"], repeats=value["bench_repeats"],
+                             compile=args.compile, kernel=value["bench_kernel"],
                              **runtime_switches(args, "bench-"))
     return build_bench_config(settings, {"batches": "--bench-batch", "kernel": "--bench-kernel",
                                          "compile": "--compile",
@@ -93,6 +108,10 @@ def load_recipes(args) -> list:
     if len(set(names)) != len(names):  # (baseline and failures are refused by load_recipe)
         raise UserError(f"recipe names must be unique: {', '.join(names)}")
     for recipe in recipes:
+        if recipe.bench is not None:
+            raise UserError(f"recipe {recipe.name} has a bench section, which compress sweep does "
+                            "not read: a sweep times every model alike with --bench and the "
+                            "--bench-* flags; drop the section (compress run reads it)")
         recipe.model = args.model
         apply_calibration_options(recipe, args)
         apply_eval_options(recipe, args)
@@ -162,12 +181,18 @@ def run(args) -> int:
     bench = bench_config(args)
     task_settings = None
     if args.tasks:
+        batch_size = TASKS_BATCH_SIZE if args.tasks_batch_size is None else args.tasks_batch_size
         task_settings = TaskSettings(parse_task_names(args.tasks), args.tasks_dir,
-                                     args.tasks_limit, args.tasks_batch_size, args.tasks_fewshot)
-    elif args.tasks_dir:
-        raise UserError("--tasks-dir needs --tasks NAME[,NAME] naming the tasks to run")
+                                     args.tasks_limit, batch_size, args.tasks_fewshot)
+    else:
+        for flag, value in (("--tasks-dir", args.tasks_dir), ("--tasks-limit", args.tasks_limit),
+                            ("--tasks-fewshot", args.tasks_fewshot),
+                            ("--tasks-batch-size", args.tasks_batch_size)):
+            if value is not None:
+                raise UserError(f"{flag} needs --tasks NAME[,NAME] naming the tasks to run")
     if not math.isfinite(args.kl_cache_gb) or args.kl_cache_gb < 0:
         raise UserError(f"--kl-cache-gb must be a finite number >= 0, got {args.kl_cache_gb}")
+    check_out_spares_inputs(args.out, args.overwrite, [r.corpus for r in recipes], args.model)
     check_output(args.out, args.overwrite)
     dtype = resolve_dtype(args)
     title = args.title or f"{args.model}: {', '.join(r.name for r in recipes)}"

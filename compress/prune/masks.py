@@ -166,6 +166,11 @@ def outlier_ratio(scores: list[torch.Tensor], threshold: float = 5.0) -> float:
     return float((flat > threshold * flat.mean()).float().mean())
 
 
+def check_owl_lambda(lam: float) -> None:
+    if not 0 <= lam < 0.5:
+        raise UserError(f"owl lambda must be in [0, 0.5), got {lam}")
+
+
 def owl_profile(outlier_ratios: list[float], sparsity: float, lam: float = 0.08) -> list[float]:
     """OWL (Yin et al. 2024): layers with more outliers keep more weights.
 
@@ -174,8 +179,7 @@ def owl_profile(outlier_ratios: list[float], sparsity: float, lam: float = 0.08)
     same total as the uniform profile.
     """
     check_sparsity(sparsity)
-    if not 0 <= lam < 0.5:
-        raise UserError(f"owl lambda must be in [0, 0.5), got {lam}")
+    check_owl_lambda(lam)
     r = torch.tensor(outlier_ratios, dtype=torch.float64)
     spread = r.max() - r.min()
     if len(r) < 2 or spread <= 0:

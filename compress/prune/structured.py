@@ -14,7 +14,7 @@ from torch import nn
 
 from compress.adapters import adapter_for, set_submodule
 from compress.calibration import collect_linear_inputs, full_precision, run_layerwise
-from compress.errors import UserError
+from compress.errors import UserError, check_number
 from compress.evaluate.memory import parameter_count
 from compress.passes import register_pass
 from compress.prune import shrink
@@ -43,6 +43,7 @@ class MLPChannelsConfig:
         if not 0 < self.ratio < 1:
             raise UserError(f"ratio must be in (0, 1), got {self.ratio}")
         _check(self.criterion, CRITERIA, "criterion")
+        check_number("damp", self.damp, 0)
         _check(self.scope, SCOPES, "scope")
 
 
@@ -58,6 +59,7 @@ class HeadsConfig:
         if not 0 < self.ratio < 1:
             raise UserError(f"ratio must be in (0, 1), got {self.ratio}")
         _check(self.mode, HEAD_MODES, "mode")
+        check_number("damp", self.damp, 0)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 
 from compress.adapters import adapter_for
 from compress.calibration import collect_linear_inputs, full_precision, run_layerwise
-from compress.errors import UserError
+from compress.errors import UserError, check_number
 from compress.passes import register_pass
 from compress.prune import masks
 from compress.prune.common import float_linears, input_groups, report_sparsity
@@ -33,6 +33,8 @@ class SparsityConfig:
 
     def __post_init__(self):
         nm = masks.parse_pattern(self.pattern)
+        check_number("owl_threshold", self.owl_threshold, 0, strict=True)
+        masks.check_owl_lambda(self.owl_lambda)   # here, not after the calibration forwards
         if self.profile not in masks.PROFILES:
             raise UserError(f"profile must be one of {', '.join(masks.PROFILES)}; "
                             f"got {self.profile!r}")
@@ -83,9 +85,9 @@ class SparseGPTConfig(SparsityConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.blocksize < 1 or self.damp < 0:
-            raise UserError(f"blocksize must be >= 1 and damp >= 0; got {self.blocksize}, "
-                            f"{self.damp}")
+        if self.blocksize < 1:
+            raise UserError(f"blocksize must be >= 1; got {self.blocksize}")
+        check_number("damp", self.damp, 0)
         nm = masks.parse_pattern(self.pattern)
         if nm is not None and self.blocksize % nm[1]:
             raise UserError(f"pattern {self.pattern} needs a blocksize that is a multiple of "

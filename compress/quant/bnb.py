@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from compress.adapters import set_submodule
-from compress.errors import UserError
+from compress.errors import check_number
 from compress.formats.bnb import (BnbFP4Linear, BnbInt8Linear, BnbNF4Linear, bnb_functional,
                                   check_4bit_options)
 from compress.passes import register_pass
@@ -22,9 +22,8 @@ class BnbInt8Config:
     threshold: float = 6.0      # |activation| at or above which an input column stays in float
 
     def __post_init__(self):
-        if self.threshold < 0:
-            raise UserError(f"threshold must be >= 0 (0 disables the outlier decomposition); "
-                            f"got {self.threshold}")
+        check_number("threshold", self.threshold, 0,
+                     note=" (0 disables the outlier decomposition)")
 
 
 @dataclass
