@@ -20,7 +20,7 @@ from compress.evaluate.memory import (model_peak, other_resident_bytes, paramete
                                       stored_tensors, weight_bytes)
 from compress.evaluate.profile import prepare_for_cuda_graphs, profile_phases
 from compress.evaluate.timing import (PeakMemory, calls_per_sample, ceilings, is_cuda,
-                                      seconds_per_call, synchronize, time_it)
+                                      l2_flush, seconds_per_call, synchronize, time_it)
 from compress.formats.base import drop_kernel_layouts
 from compress.prune.semi_structured import is_2of4_model, materialize_2of4_where_faster
 
@@ -179,7 +179,7 @@ def _bench_engine(model: nn.Module, cfg: BenchConfig, device, name: str, ceil: d
     if cfg.profile:
         try:
             row["profile"] = profile_phases(engine, cfg.prompt, min(cfg.new, 8), cfg.prefill[0],
-                                            device, cfg.seed)
+                                            device, cfg.seed, compiled_prefill=cfg.compile_prefill)
         except Exception as exc:  # a diagnostic must not cost the figures measured above
             row["profile"] = {"failed": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
     return row
@@ -279,10 +279,12 @@ def linear_timer(device, replayed: set[int] = frozenset()):
     CUDA graph for the row counts in `replayed`, back-to-back calls with their host overhead
     otherwise, as each runs in the model. How materialize_2of4_where_faster compares dense and
     2:4."""
+    flush = l2_flush(device)  # each call reads its weight from memory, as in the model
+
     def timer(weight: torch.Tensor, rows: int) -> tuple[float, str]:
         x = torch.randn(rows, weight.shape[1], device=device, dtype=weight.dtype)
         return seconds_per_call(lambda: F.linear(x, weight), device, calls_per_sample(rows), 2, 5,
-                                graph=rows in replayed)
+                                graph=rows in replayed, flush=flush)
     return timer
 
 

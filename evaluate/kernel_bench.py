@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from torch._inductor import config as inductor_config
 
 from compress.evaluate.results import environment
-from compress.evaluate.timing import calls_per_sample, seconds_per_call
+from compress.evaluate.timing import calls_per_sample, l2_flush, seconds_per_call
 from compress.formats import triton_kernels
 from compress.formats.fp8 import FP8Linear, fp8_capable
 from compress.formats.w8a8 import W8A8Linear
@@ -82,8 +83,9 @@ def label(fn, compiled: bool) -> str:
 
 
 def bench_shape(name: str, out_features: int, in_features: int, rows: list[int], group_size: int,
-                device, repeats: int) -> Iterator[dict]:
-    """One record per row count, yielded as soon as it is measured."""
+                device, repeats: int, flush=None) -> Iterator[dict]:
+    """One record per row count, yielded as soon as it is measured. `flush` (timing.l2_flush)
+    runs before every timed call."""
     found = candidates(out_features, in_features, group_size, device)
     for m in rows:
         x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
@@ -105,8 +107,10 @@ def bench_shape(name: str, out_features: int, in_features: int, rows: list[int],
             try:
                 with inductor_config.patch(coordinate_descent_tuning=tune):
                     fn(x)  # compile, and set the eager labels
+                # Prefill rows run eagerly in the model: their host overhead counts, no graph.
                 seconds, row["clock"][key] = seconds_per_call(lambda: fn(x), device, calls, 2,
-                                                              repeats)
+                                                              repeats, graph=compiled,
+                                                              flush=flush)
             except Exception as exc:  # a kernel this GPU or torch lacks: say so, go on
                 row["kernel"][key] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:160]
                 continue
@@ -129,7 +133,9 @@ def markdown(doc: dict) -> str:
              f"Microseconds per call (median of {doc['repeats']}), speed-up over bf16 `F.linear` "
              f"in brackets. On CUDA, rows up to {COMPILED_MAX_ROWS} are timed through "
              "`torch.compile` (as the compiled decode step runs them), more rows eagerly (as the "
-             "prefill runs them); on the CPU everything runs eagerly. "
+             "prefill runs them); on the CPU everything runs eagerly. On CUDA the L2 cache is "
+             "flushed before every call (its time subtracted), as gigabytes of other weights "
+             "pass between two uses of a layer in a model. "
              f"int4: symmetric, group {doc['group_size']}; int8: per channel. Clocks: "
              f"{', '.join(sorted({c for r in doc['records'] for c in r.get('clock', {}).values()}))}"
              ".", ""]
@@ -160,13 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSON path; the Markdown goes beside it")
     args = p.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
+    shapes = linear_shapes(args.shape, args.linears.split(","))
+    uneven = [f"{name} ({in_f})" for name, (_, in_f) in shapes.items() if in_f % args.group_size]
+    if uneven:  # before any timing, not as a traceback from the first int4 layer
+        print(f"kernel_bench: error: --group-size {args.group_size} does not divide the input "
+              f"width of {', '.join(uneven)}; use a divisor such as 64", file=sys.stderr)
+        return 2
     doc = {"shape": args.shape, "group_size": args.group_size, "repeats": args.repeats,
            "device": args.device, "environment": environment(args.device), "records": []}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with torch.inference_mode():
-        for name, (out_f, in_f) in linear_shapes(args.shape, args.linears.split(",")).items():
+        flush = l2_flush(args.device)  # each call reads its weight from memory, as in a model
+        for name, (out_f, in_f) in shapes.items():
             for record in bench_shape(name, out_f, in_f, rows, args.group_size, args.device,
-                                      args.repeats):
+                                      args.repeats, flush):
                 doc["records"].append(record)
                 write_files(doc, args.out)  # after every record: a run cut short keeps them
     print(markdown(doc))

@@ -28,9 +28,11 @@ def prepare_for_cuda_graphs(device) -> None:
 
 
 def profile_phases(engine: Engine, prompt: int, decode_steps: int,
-                   prefill: tuple[int, int], device, seed: int = 0) -> dict:
+                   prefill: tuple[int, int], device, seed: int = 0,
+                   compiled_prefill: bool = False) -> dict:
     """Profile `decode_steps` decode steps at the engine's current allocation (the last decode
-    batch measured, compiled if it was), then one prefill of `prefill` (batch, tokens)."""
+    batch measured, compiled if it was), then one prefill of `prefill` (batch, tokens), compiled
+    when the timed prefill was (`compiled_prefill`): the profile explains the figure it sits by."""
     vocab = engine.config.vocab_size
     ids = random_tokens(engine.batch, prompt, vocab, device, seed)
     logits = engine.prefill(ids)
@@ -44,10 +46,14 @@ def profile_phases(engine: Engine, prompt: int, decode_steps: int,
     batch, length = prefill
     engine.allocate(batch, length)
     prompt_ids = random_tokens(batch, length, vocab, device, seed)
-    engine.prefill(prompt_ids)  # warm
-    synchronize(device)
-    prefill_profile = _profiled(lambda: engine.prefill(prompt_ids), device)
-    prefill_profile.update(batch=batch, tokens=length)
+    engine.compile_prefill(compiled_prefill)
+    try:
+        engine.prefill(prompt_ids)  # warm (and compile, outside the profiled run)
+        synchronize(device)
+        prefill_profile = _profiled(lambda: engine.prefill(prompt_ids), device)
+    finally:
+        engine.compile_prefill(False)
+    prefill_profile.update(batch=batch, tokens=length, compiled=compiled_prefill)
     return {"decode": decode, "prefill": prefill_profile}
 
 
@@ -103,7 +109,8 @@ def markdown(profiles: dict) -> list[str]:
     lines = []
     for phase, p in profiles.items():
         where = (f"batch {p['batch']}, {p['steps']} steps" if phase == "decode"
-                 else f"{p['batch']} x {p['tokens']} tokens")
+                 else f"{p['batch']} x {p['tokens']} tokens"
+                 + (", compiled" if p.get("compiled") else ""))
         wall = f", {p['wall_ms']:.2f} ms wall" if "wall_ms" in p else ""
         lines += ["", f"**{phase}** ({where}{wall}): {p['clock']} {p['total_ms']:.2f} ms in "
                       f"{p['calls']} calls with time"] + _table(p["top"])

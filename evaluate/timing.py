@@ -59,15 +59,51 @@ def calls_per_sample(rows: int) -> int:
 
 
 def seconds_per_call(call: Callable[[], object], device, calls: int, warmup: int,
-                     repeats: int, graph: bool = True) -> tuple[float, str]:
+                     repeats: int, graph: bool = True,
+                     flush: Callable[[], object] | None = None) -> tuple[float, str]:
     """(median seconds per call, clock) of `calls` back-to-back calls. On CUDA with `graph` they
     are captured once in a CUDA graph and replayed: a call's host overhead (guards, launches: tens
     of microseconds) would otherwise hide kernels that take as long, as it did in the kernel
     bench's first H200 run. Where capture fails, or without `graph` (a call that will run eagerly,
-    whose host overhead counts), plain back-to-back calls, and the clock says so."""
+    whose host overhead counts), plain back-to-back calls, and the clock says so.
+
+    With `flush` (l2_flush), it runs before every call, and its own time, measured the same way,
+    is subtracted: in a model gigabytes of other weights pass between two uses of a layer, so a
+    layer reads its weights from memory, not from an L2 cache that the previous call filled (a
+    Llama-3-8B int4 MLP weight, 28 MiB, fits in an H100's 50 MB L2; its bf16 form does not)."""
+    if flush is None:
+        seconds, clock = _per_run(call, device, calls, warmup, repeats, graph)
+        return seconds / calls, clock
+
+    def flushed():
+        flush()
+        call()
+    total, clock = _per_run(flushed, device, calls, warmup, repeats, graph)
+    alone, _ = _per_run(flush, device, calls, warmup, repeats, graph)
+    if total > alone:
+        return (total - alone) / calls, f"{clock}, L2 flushed before each call (flush subtracted)"
+    # The flush's noise exceeds the call: keep the warm-cache figure, and say so.
+    seconds, clock = _per_run(call, device, calls, warmup, repeats, graph)
+    return seconds / calls, f"{clock}, warm L2 (the flush's noise exceeded the call)"
+
+
+def l2_flush(device) -> Callable[[], object] | None:
+    """A call that evicts the GPU's L2 cache by writing twice its size; None off CUDA (a CPU's
+    caches are not what a GPU figure is about, and the CPU paths are timed as they are)."""
+    if not is_cuda(device):
+        return None
+    props = torch.cuda.get_device_properties(torch.device(device))
+    size = 2 * (getattr(props, "L2_cache_size", 0) or 50 << 20)
+    return torch.empty(size, dtype=torch.uint8, device=device).zero_
+
+
+def _per_run(step: Callable[[], object], device, calls: int, warmup: int, repeats: int,
+             graph: bool) -> tuple[float, str]:
+    """(median seconds of `calls` back-to-back steps, clock): replayed as one CUDA graph where
+    `graph` asks for it and capture works."""
     def run():
         for _ in range(calls):
-            call()
+            step()
     timed, clock = run, "back-to-back calls (launch overhead included)"
     if is_cuda(device) and graph:
         try:
@@ -77,13 +113,13 @@ def seconds_per_call(call: Callable[[], object], device, calls: int, warmup: int
                 with torch.cuda.stream(stream):  # warm up off the default stream, as capture wants
                     run()
                 torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(cuda_graph):
                     run()
-            timed, clock = graph.replay, "CUDA graph replay"
+            timed, clock = cuda_graph.replay, "CUDA graph replay"
         except Exception:  # not capturable: time the calls as they are
             torch.cuda.synchronize(device)
-    return time_it(timed, device, warmup, repeats)["median_s"] / calls, clock
+    return time_it(timed, device, warmup, repeats)["median_s"], clock
 
 
 def _one(fn, device) -> float:

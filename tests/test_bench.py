@@ -277,3 +277,38 @@ def test_results_name_the_gpu_the_run_used_not_the_first(monkeypatch):
     monkeypatch.setattr(results, "_nvidia_driver", lambda: "1.0")
     assert results.environment("cuda:1")["gpu"] == gpus[1]
     assert results.environment("cuda")["gpu"] == results.environment()["gpu"] == gpus[0]
+
+
+def test_a_compiled_prefill_is_profiled_compiled(tiny_model, monkeypatch):
+    from compress.evaluate.engine import Engine
+    from compress.evaluate.profile import markdown, profile_phases
+
+    engine = Engine(tiny_model.eval())
+    engine.allocate(1, 16)
+    modes, seen = [], []
+    monkeypatch.setattr(engine, "compile_prefill", modes.append)   # no compile on the CPU here
+    prefill = engine.prefill
+    monkeypatch.setattr(engine, "prefill", lambda ids: (seen.append(modes[-1:]), prefill(ids))[1])
+    profile = profile_phases(engine, 8, 2, (1, 12), "cpu", compiled_prefill=True)
+    # The decode phase's prompts run as they were (no mode set yet); the profiled prefill (the
+    # last two: warm-up and profiled run) in the compiled mode; eager again after.
+    assert seen[:2] == [[], []] and seen[-2:] == [[True], [True]] and modes == [True, False]
+    assert profile["prefill"]["compiled"] is True
+    assert "1 x 12 tokens, compiled" in "\n".join(markdown(profile))
+
+
+def test_a_flushed_timing_subtracts_the_flush_and_says_so(monkeypatch):
+    import time
+
+    from compress.evaluate import timing
+
+    seconds, clock = timing.seconds_per_call(lambda: time.sleep(0.004), "cpu", 3, 0, 3,
+                                             flush=lambda: time.sleep(0.006))
+    assert seconds == pytest.approx(0.004, abs=0.0015)
+    assert clock.endswith("L2 flushed before each call (flush subtracted)")
+    # Where the flush's noise swamps the call, the warm figure is kept and labelled as such.
+    runs = iter([(0.010, "c"), (0.011, "c"), (0.003, "c")])
+    monkeypatch.setattr(timing, "_per_run", lambda *args: next(runs))
+    assert timing.seconds_per_call(lambda: None, "cpu", 3, 0, 1, flush=lambda: None) == \
+        (0.001, "c, warm L2 (the flush's noise exceeded the call)")
+    assert timing.l2_flush("cpu") is None

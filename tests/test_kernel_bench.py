@@ -46,7 +46,7 @@ def test_a_run_cut_short_keeps_the_records_already_measured(tmp_path, monkeypatc
     monkeypatch.setattr(kernel_bench, "bench_shape", one_then_killed)
     out = tmp_path / "k.json"
     with pytest.raises(TimeoutError):
-        main(["--shape", "tiny", "--device", "cpu", "--out", str(out)])
+        main(["--shape", "tiny", "--group-size", "32", "--device", "cpu", "--out", str(out)])
     assert [r["linear"] for r in json.loads(out.read_text())["records"]] == ["gate_proj"]
     assert "gate_proj" in (tmp_path / "k.md").read_text()
 
@@ -61,3 +61,12 @@ def test_kernel_bench_times_one_graph_kernels_on_eager_rows_of_a_gpu(tmp_path):
     assert not [k for k in small["us"] if k.endswith("inductor")]   # compiled rows: one graph
     assert large["us"]["w8a8 int8 inductor"] > 0
     assert "inductor graph" in large["kernel"]["w8a8 int8 inductor"]
+
+
+def test_a_group_size_that_does_not_divide_a_width_is_refused_before_timing(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    assert main(["--shape", "smollm2-135m", "--linears", "q_proj", "--rows", "1",
+                 "--group-size", "128", "--device", "cpu", "--out", str(out)]) == 2
+    assert "--group-size 128 does not divide the input width of q_proj (576)" in \
+        capsys.readouterr().err
+    assert not out.exists()

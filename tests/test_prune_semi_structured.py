@@ -236,7 +236,7 @@ def test_2of4_is_timed_as_each_phase_runs_replayed_only_for_compiled_decode(monk
     assert bench.replayed_rows(dataclasses.replace(cfg, compile=False)) == set()
     graphs = []
 
-    def record(call, device, calls, warmup, repeats, graph=True):
+    def record(call, device, calls, warmup, repeats, graph=True, flush=None):
         call()
         graphs.append(graph)
         return 1e-6, "clock"

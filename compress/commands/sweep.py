@@ -4,7 +4,6 @@ report.html (self-contained), results.csv, plots, baseline.json and one JSON per
 from __future__ import annotations
 
 import gc
-import math
 import os
 import sys
 
@@ -15,7 +14,7 @@ from compress.commands import (add_calibration_options, add_eval_options, add_mo
                                apply_calibration_options, apply_eval_options, resolve_dtype)
 from compress.commands.bench import (add_runtime_switches, build_bench_config, runtime_switches,
                                      switch_flags)
-from compress.errors import UserError
+from compress.errors import UserError, check_number
 from compress.evaluate.bench import sync_and_free
 from compress.evaluate.divergence import Reference
 from compress.evaluate.lm_eval_tasks import BUNDLED, TaskRunner, TaskSettings, parse_task_names
@@ -190,8 +189,7 @@ def run(args) -> int:
                             ("--tasks-batch-size", args.tasks_batch_size)):
             if value is not None:
                 raise UserError(f"{flag} needs --tasks NAME[,NAME] naming the tasks to run")
-    if not math.isfinite(args.kl_cache_gb) or args.kl_cache_gb < 0:
-        raise UserError(f"--kl-cache-gb must be a finite number >= 0, got {args.kl_cache_gb}")
+    check_number("--kl-cache-gb", args.kl_cache_gb, 0)
     check_out_spares_inputs(args.out, args.overwrite, [r.corpus for r in recipes], args.model)
     check_output(args.out, args.overwrite)
     dtype = resolve_dtype(args)
