@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.adapters import adapter_for
+from compress.errors import UserError
 
 @dataclass
 class CalibrationData:
@@ -52,6 +53,12 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.
     `device`) and the layer's kwargs for the first (full) batch; `batch_kwargs` fits them to a
     shorter last batch."""
     adapter = adapter_for(model)
+    kinds = sorted(set(getattr(model.config, "layer_types", None) or []))
+    if len(kinds) > 1:
+        # The layers' kwargs are caught at layer 0 and serve every layer: a sliding-window layer
+        # would run with layer 0's full causal mask and calibrate on the wrong activations.
+        raise UserError(f"calibration supports models whose layers share one attention mask; "
+                        f"this one mixes {', '.join(kinds)} layers")
     first = adapter.layers(model)[0]
     inputs, kwargs_seen = [], {}
 

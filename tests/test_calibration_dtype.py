@@ -146,3 +146,27 @@ def test_a_float16_model_calibrates_in_bfloat16(passes):
     with torch.no_grad():
         logits = model(tokens).logits
     assert logits.dtype == torch.float16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_the_driver_refuses_layers_with_different_attention_masks(sliding):
+    """Layer 0's kwargs (its mask) serve every layer: exact for one mask type, wrong for a model
+    mixing full and sliding-window layers, which is refused rather than miscalibrated."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from compress.errors import UserError
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                         use_sliding_window=sliding, sliding_window=4, max_window_layers=1)
+    model = Qwen2ForCausalLM(config).eval()
+    x = torch.randint(1, 320, (3, 16))
+    if sliding:
+        with pytest.raises(UserError, match="mixes full_attention, sliding_attention layers"):
+            run_layerwise(model, x, lambda *_: None, batch_size=2)
+        return
+    with torch.no_grad():
+        full = model.model(x).last_hidden_state
+    out = torch.cat(run_layerwise(model, x, lambda *_: None, batch_size=2))
+    assert torch.equal(model.model.norm(out), full)

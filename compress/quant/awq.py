@@ -10,9 +10,11 @@ rounded to the ordinary Int4Linear / Int8Linear format.
 
 Both searches measure the output error ||X W^T - X W_q^T||^2 exactly from the Gram matrix
 X^T X (tr(D G D^T) with D = W - W_q) on every calibration token: a few small matmuls per
-candidate instead of a pass over the tokens, so no token subsampling is needed. Two deliberate
+candidate instead of a pass over the tokens, so no token subsampling is needed. Three deliberate
 departures from llm-awq: the scale search minimizes the output error of the group's linears
-rather than of the whole attention / MLP block, and alpha = 1 is a candidate besides 0..0.95.
+rather than of the whole attention / MLP block; alpha = 1 is a candidate besides 0..0.95; and
+layer i + 1 is calibrated on the outputs of the quantized layer i (the one calibration driver,
+as GPTQ does), where llm-awq feeds it the scaled float layer's.
 As in llm-awq, q and k are not clipped (their error goes through softmax, where the linear
 output error is a poor guide).
 

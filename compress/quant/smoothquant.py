@@ -13,6 +13,9 @@ much less (Xiao et al. 2023). Smoothed pairs in a Llama layer:
   down       <- up's output rows (the SwiGLU product is linear in up's output), optional
 o_proj is left alone: its input comes from softmax(QK) V, where a per-channel factor could only be
 folded into v_proj per key/value head, not per channel of every query head.
+Unlike the reference code, which takes every layer's activation maxima from one float forward,
+layer i's maxima come from the calibration driver's inputs: the outputs of the W8A8 layers
+before it, which is what layer i will see at inference.
 """
 from __future__ import annotations
 
