@@ -39,7 +39,8 @@ def eval_defaults(corpus: str) -> tuple[int, int | None]:
 
 
 def load_corpus(name: str, tokenizer, vocab_size: int | None = None) -> TokenizedCorpus:
-    """`vocab_size` (the model's) is needed by the `random` corpus only."""
+    """`vocab_size` (the model's): the range of the `random` corpus, and the bound every other
+    corpus's token ids are checked against."""
     if name == "random":
         return random_corpus(vocab_size or len(tokenizer))
     eval_text, calib_text = _texts(name)
@@ -47,8 +48,17 @@ def load_corpus(name: str, tokenizer, vocab_size: int | None = None) -> Tokenize
     if calib_text is None:
         # One stream: calibration from the second half, evaluation from the start (PROTOCOL.md).
         half = len(eval_ids) // 2
-        return TokenizedCorpus(name, eval_ids[:half], eval_ids[half:], "second half of the stream")
-    return TokenizedCorpus(name, eval_ids, _tokenize(tokenizer, calib_text), "train split")
+        corpus = TokenizedCorpus(name, eval_ids[:half], eval_ids[half:],
+                                 "second half of the stream")
+    else:
+        corpus = TokenizedCorpus(name, eval_ids, _tokenize(tokenizer, calib_text), "train split")
+    top = max((int(ids.max()) for ids in (corpus.eval_ids, corpus.calib_ids) if ids.numel()),
+              default=-1)
+    if vocab_size is not None and top >= vocab_size:
+        # An index error inside the embedding (a device-side assert on CUDA) otherwise.
+        raise UserError(f"corpus {name!r} tokenizes to id {top}, but the model has {vocab_size} "
+                        "embeddings: its tokenizer does not match the model")
+    return corpus
 
 
 def random_corpus(vocab_size: int) -> TokenizedCorpus:

@@ -62,3 +62,23 @@ def test_a_large_random_model_for_the_cpu_is_built_on_the_gpu():
     loaded = load_random("llama3.2-1b", torch.bfloat16, device="cpu")
     assert loaded.provenance["built_on"] == "cuda"
     assert all(p.device.type == "cpu" for p in loaded.model.parameters())
+
+
+def test_a_tokenizer_that_outgrows_the_model_vocabulary_is_one_line(tmp_path):
+    (tmp_path / "a.txt").write_text("caf\u00e9 " * 200)       # byte ids up to 0xc3 = 195
+    assert load_corpus(str(tmp_path / "a.txt"), byte_tokenizer(), vocab_size=196).eval_ids.max() \
+        == 195
+    with pytest.raises(UserError, match=r"tokenizes to id 195, but the model has 100 embeddings"):
+        load_corpus(str(tmp_path / "a.txt"), byte_tokenizer(), vocab_size=100)
+
+
+def test_random_shapes_carry_the_published_rope_and_context():
+    from compress.shapes import llama_config
+
+    small = llama_config("llama3.2-1b")
+    assert small.max_position_embeddings == 131072
+    assert small.rope_parameters == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192}
+    assert llama_config("llama3-8b").rope_parameters == {"rope_type": "default",
+                                                         "rope_theta": 500000.0}
