@@ -20,7 +20,8 @@ from torch._inductor import config as inductor_config
 
 from compress.evaluate.results import environment
 from compress.evaluate.timing import calls_per_sample, l2_flush, seconds_per_call
-from compress.formats import triton_kernels
+from compress.errors import UserError
+from compress.formats import grid, triton_kernels
 from compress.formats.fp8 import FP8Linear, fp8_capable
 from compress.formats.w8a8 import W8A8Linear
 from compress.quant.rtn import quantized_linear
@@ -167,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
     shapes = linear_shapes(args.shape, args.linears.split(","))
-    uneven = [f"{name} ({in_f})" for name, (_, in_f) in shapes.items() if in_f % args.group_size]
-    if uneven:  # before any timing, not as a traceback from the first int4 layer
-        print(f"kernel_bench: error: --group-size {args.group_size} does not divide the input "
-              f"width of {', '.join(uneven)}; use a divisor such as 64", file=sys.stderr)
+    try:  # before any timing, not as a traceback from the first int4 layer
+        for name, (_, in_f) in shapes.items():
+            grid.check_group_size(name, in_f, args.group_size, bits=4)
+    except UserError as exc:
+        print(f"kernel_bench: error: --group-size: {exc}", file=sys.stderr)
         return 2
     doc = {"shape": args.shape, "group_size": args.group_size, "repeats": args.repeats,
            "device": args.device, "environment": environment(args.device), "records": []}

@@ -67,6 +67,6 @@ def test_a_group_size_that_does_not_divide_a_width_is_refused_before_timing(tmp_
     out = tmp_path / "k.json"
     assert main(["--shape", "smollm2-135m", "--linears", "q_proj", "--rows", "1",
                  "--group-size", "128", "--device", "cpu", "--out", str(out)]) == 2
-    assert "--group-size 128 does not divide the input width of q_proj (576)" in \
+    assert "--group-size: group size 128 does not divide the input width 576 of q_proj" in \
         capsys.readouterr().err
     assert not out.exists()

@@ -70,11 +70,12 @@ def check_flags_have_effect(args, recipe: Recipe) -> None:
     calibrates = recipe.needs_calibration()
     no_eval = "has no effect without --eval"
     no_calib = f"has no effect: {args.method} does not calibrate"
+    corpus = f"{no_eval} ({args.method} does not calibrate)"
     for flag, value, used, why in (
             ("--windows", args.windows, args.eval, no_eval),
             ("--seq-len", args.seq_len, args.eval, no_eval),
             ("--batch-size", args.batch_size, args.eval, no_eval),
-            ("--corpus", args.corpus, args.eval or calibrates, f"{no_eval} ({args.method} does not calibrate)"),
+            ("--corpus", args.corpus, args.eval or calibrates, corpus),
             ("--calib-samples", args.calib_samples, calibrates, no_calib),
             ("--calib-seq-len", args.calib_seq_len, calibrates, no_calib),
             ("--calib-device", args.calib_device, calibrates, no_calib),

@@ -80,12 +80,12 @@ def add_parser(subparsers) -> None:
 
 
 def bench_config(args):
+    switches = runtime_switches(args, "bench-")
     if not args.bench:
         given = [f"--{dest.replace('_', '-')}" for dest in BENCH_DEFAULTS
                  if getattr(args, dest) is not None]
-        given += [flag for flag, on in ({"--compile": args.compile} | {
-            flag: runtime_switches(args, "bench-")[field]
-            for field, flag in switch_flags("bench-").items()}).items() if on]
+        given += ["--compile"] if args.compile else []
+        given += [flag for field, flag in switch_flags("bench-").items() if switches[field]]
         if given:
             raise UserError(f"{given[0]} has no effect without --bench")
         return None
@@ -94,8 +94,7 @@ def bench_config(args):
     settings = BenchSettings(batches=value["bench_batch"], prompt=value["bench_prompt"],
                              new=value["bench_new"], prefill=value["bench_prefill"],
                              warmup=value["bench_warmup"], repeats=value["bench_repeats"],
-                             compile=args.compile, kernel=value["bench_kernel"],
-                             **runtime_switches(args, "bench-"))
+                             compile=args.compile, kernel=value["bench_kernel"], **switches)
     return build_bench_config(settings, {"batches": "--bench-batch", "kernel": "--bench-kernel",
                                          "compile": "--compile",
                                          **switch_flags("bench-")}.get)
