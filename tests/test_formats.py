@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from compress.formats import grid
-from compress.formats.base import FUSED_GEMV
+from compress.formats.compiled import FUSED_GEMV
 from compress.formats.int4 import Int4Linear
 from compress.formats.int8 import Int8Linear
 from compress.quant.rtn import quantized_linear
@@ -146,7 +146,7 @@ def test_storage_is_really_smaller(bits):
 
 def test_fused_gemv_is_the_float32_matmul_with_bias():
     """The formula compiled into the int8 decode kernel on CUDA, checked eagerly here."""
-    from compress.formats.base import fused_gemv
+    from compress.formats.compiled import fused_gemv
 
     torch.manual_seed(3)
     x = torch.randn(2, 1, 96, dtype=torch.bfloat16)

@@ -10,7 +10,8 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from compress.errors import UserError
-from compress.formats.base import fused_gemv, rescale_output
+from compress.formats.base import rescale_output
+from compress.formats.compiled import fused_gemv
 from compress.formats.fp8 import quantize_rows_fp8
 from compress.formats.int4 import Int4Linear, dequantize_int4
 from compress.formats.int8 import dequantize_int8
@@ -117,7 +118,7 @@ def test_fused_weight_kernels_are_compiled_for_each_shape_with_constant_sizes():
     # torch.compile's default made the third weight shape's kernel symbolic in every size, and
     # every later weight ran it; on an H100 the int4 dequantization ran at a ninth of the copy
     # bandwidth.
-    from compress.formats.base import compile_for_shapes
+    from compress.formats.compiled import compile_for_shapes
     graphs: list = []
     torch.compiler.reset()
     dequantize = compile_for_shapes(dequantize_int4.__wrapped__, False, _recording_backend(graphs))
@@ -131,7 +132,7 @@ def test_fused_weight_kernels_are_compiled_for_each_shape_with_constant_sizes():
 
 
 def test_fused_activation_kernels_take_any_rows_with_constant_columns():
-    from compress.formats.base import compile_for_shapes
+    from compress.formats.compiled import compile_for_shapes
     graphs: list = []
     torch.compiler.reset()
     quantize = compile_for_shapes(quantize_rows.__wrapped__, True, _recording_backend(graphs))
@@ -202,7 +203,8 @@ def test_one_graph_kernel_equals_the_default_fast_path(fmt, device, monkeypatch)
 def test_one_graph_kernel_compiles_once_per_weight_shape_for_any_rows():
     """The layer is an argument of the compiled function: its buffers are graph inputs, so the
     layers of one shape share a graph, and prompt lengths share it too (rows symbolic)."""
-    from compress.formats.base import _fast_forward, compile_for_shapes
+    from compress.formats.base import _fast_forward
+    from compress.formats.compiled import compile_for_shapes
 
     graphs: list = []
     torch.compiler.reset()

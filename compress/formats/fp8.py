@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from compress.formats.base import RowScaledLinear, fused_on_cuda
+from compress.formats.base import RowScaledLinear
+from compress.formats.compiled import fused_on_cuda
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max      # 448.0

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from compress.formats import grid
-from compress.formats.base import (CUDA_KERNEL_MAX_ROWS, QuantizedLinear, autocast_input,
-                                   fused_on_cuda)
+from compress.formats.base import CUDA_KERNEL_MAX_ROWS, QuantizedLinear, autocast_input
+from compress.formats.compiled import fused_on_cuda
 
 SYMMETRIC_ZERO = 8
 

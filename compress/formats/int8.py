@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from compress.formats import grid
-from compress.formats.base import QuantizedLinear, autocast_input, cpu_kernel_wins, fused_on_cuda
+from compress.formats.base import QuantizedLinear, autocast_input, cpu_kernel_wins
+from compress.formats.compiled import fused_on_cuda
 
 OFFSET = 128
 

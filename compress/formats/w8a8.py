@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from compress.formats.base import RowScaledLinear, fused_on_cuda
+from compress.formats.base import RowScaledLinear
+from compress.formats.compiled import fused_on_cuda
 
 QMAX = 127          # symmetric int8: -128 is never used, so negation never overflows
 EPS = 1e-8          # scale floor: an all-zero row or token quantizes to zeros, not NaN
