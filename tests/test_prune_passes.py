@@ -154,3 +154,17 @@ def test_pruning_needs_float_linears_first(tiny_model, tokens):
 def test_config_errors_name_what_is_allowed(fields, message):
     with pytest.raises(UserError, match=message):
         build_config(pass_table()["wanda"], fields)
+
+
+@pytest.mark.parametrize("name,fields,unused", [
+    ("magnitude", {"pattern": "2:4", "scope": "row"}, "scope"),
+    ("wanda", {"pattern": "2:4", "scope": "layer"}, "scope"),
+    ("wanda", {"pattern": "4:8", "scope": "row-mass"}, "scope"),
+    ("wanda", {"sparsity": 0.5, "owl_lambda": 0.2}, "owl_lambda"),
+    ("sparsegpt", {"sparsity": 0.5, "owl_threshold": 9.0}, "owl_threshold")])
+def test_options_other_settings_leave_unused_are_refused(name, fields, unused):
+    """N:M ignores scope and profile uniform ignores the OWL options: accepted, they would be
+    recorded in the recipe (and its hash) while changing nothing."""
+    with pytest.raises(UserError, match=f"{unused} .* has no effect"):
+        build_config(pass_table()[name], fields)
+    build_config(pass_table()[name], {k: v for k, v in fields.items() if k != unused})

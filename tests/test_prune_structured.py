@@ -224,3 +224,17 @@ def test_dropping_layers_after_a_sparsity_pass_keeps_each_target_with_its_layer(
     report = model.compress_report["sparsity"]
     assert report["target_per_layer"] == [targets[1]]
     assert report["per_layer"]["0"] == pytest.approx(targets[1], abs=1e-3)
+
+
+def test_dropping_the_widest_layer_leaves_a_config_that_builds_the_kept_layers(tiny_model, tokens,
+                                                                               tmp_path):
+    """mlp-channels scope global gives per-layer widths and config.intermediate_size the widest;
+    once that layer is dropped, the config must describe the layers that are left."""
+    from compress.prune.structured import drop_layers
+
+    model = _prune(tiny_model, "mlp-channels", tokens, ratio=0.25, scope="global")
+    widths = model.compress_report["structured"]["intermediate_per_layer"]
+    drop_layers(model, [widths.index(max(widths))])
+    assert model.config.intermediate_size == min(widths)
+    meta = _roundtrip(model, tokens, tmp_path, stock=True)
+    assert "shapes" not in meta

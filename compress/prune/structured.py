@@ -268,6 +268,11 @@ def drop_layers(model: nn.Module, indices: list[int]) -> nn.Module:
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in drop]
     cfg.num_hidden_layers = len(kept)
+    if kept and getattr(cfg, "intermediate_size", None) is not None:
+        # Per-layer MLP widths (mlp-channels, scope global): the config holds the widest kept one,
+        # so kept layers that share one width reload with stock transformers.
+        cfg.intermediate_size = max(layer.get_submodule(f"{a.mlp}.{a.down}").in_features
+                                    for layer in kept)
     sparsity = (getattr(model, "compress_report", None) or {}).get("sparsity")
     if sparsity and len(sparsity.get("target_per_layer") or []) == len(layers):
         # An earlier sparsity pass's per-layer targets follow their layers, as the recount does.

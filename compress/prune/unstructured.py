@@ -7,7 +7,7 @@ outputs of the already-pruned layers before it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ class SparsityConfig:
         if self.profile not in masks.PROFILES:
             raise UserError(f"profile must be one of {', '.join(masks.PROFILES)}; "
                             f"got {self.profile!r}")
+        if self.profile == "uniform":
+            _refuse_changed(self, ("owl_threshold", "owl_lambda"), "with profile uniform "
+                            "(they shape OWL's per-layer sparsities: add profile: owl)")
         if nm is None:
             self.sparsity = 0.5 if self.sparsity is None else self.sparsity
             masks.check_sparsity(self.sparsity)
@@ -63,6 +66,17 @@ class MagnitudeConfig(SparsityConfig):
         super().__post_init__()
         if self.scope not in masks.SCOPES:
             raise UserError(f"scope must be one of {', '.join(masks.SCOPES)}; got {self.scope!r}")
+        if self.nm() is not None:
+            _refuse_changed(self, ("scope",), f"with pattern {self.pattern} (N:M keeps "
+                            "its n of every m columns of each row whatever the scope)")
+
+
+def _refuse_changed(config, names, why: str) -> None:
+    """A field the config's other settings make unused may only keep its default."""
+    defaults = {f.name: f.default for f in fields(config)}
+    for name in names:
+        if getattr(config, name) != defaults[name]:
+            raise UserError(f"{name} {getattr(config, name)!r} has no effect {why}; leave it out")
 
 
 @dataclass
