@@ -85,3 +85,34 @@ def coerce(where: str, value, hint):
 
 def config_to_dict(spec_name: str, config) -> dict:
     return {"pass": spec_name, **dataclasses.asdict(config)}
+
+
+# Order rules the passes enforce on the model as they run, checked on a recipe's pass names up
+# front so a bad chain fails before any calibration rather than after its first passes ran.
+# Dropping whole layers works on any layer; the lm-head pass touches only the output projection.
+SPARSITY_PASSES = ("magnitude", "wanda", "sparsegpt")
+REFIT_PASSES = ("mlp-channels", "heads")   # refit dense rows / columns: would refill zeros
+
+
+def check_order(names: list[str], where: str) -> None:
+    """Refuse a chain that a pass would refuse once the model reaches it: anything but `layers`
+    and `lm-head` after a pass that quantized the decoder linears (they need float nn.Linear),
+    structured refits after a sparsity pass, the lm-head pass twice."""
+    table = pass_table()
+    quantized = sparse = head = None
+    for i, name in enumerate(names):
+        here = f"{where}: passes[{i}] {name!r}"
+        if quantized is not None and name not in ("layers", "lm-head"):
+            raise UserError(f"{here} comes after {quantized}, which already quantized the decoder "
+                            "linears; put pruning first and quantize them once")
+        if sparse is not None and name in REFIT_PASSES:
+            raise UserError(f"{here} after {sparse} would break its zeros; put structured "
+                            "pruning (mlp-channels, heads) before magnitude / wanda / sparsegpt")
+        if name == "lm-head":
+            if head is not None:
+                raise UserError(f"{here} repeats {head}; quantize the lm_head once")
+            head = f"passes[{i}]"
+        elif table[name].kind == "quantize":
+            quantized = f"passes[{i}] {name!r}"
+        elif name in SPARSITY_PASSES:
+            sparse = f"passes[{i}] {name!r}"

@@ -27,7 +27,7 @@ import yaml
 import compress
 from compress.errors import UserError, choices
 from compress.formats.base import FLOAT_DTYPES
-from compress.passes import build_config, coerce, config_to_dict, pass_table
+from compress.passes import build_config, check_order, coerce, config_to_dict, pass_table
 from compress.prune.common import refresh_sparsity
 
 
@@ -192,9 +192,11 @@ def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
     if "corpus" in data and not isinstance(data["corpus"], str):
         raise UserError(f"{where}: corpus must be a corpus name or file such as pydoc, got "
                         f"{data['corpus']!r}")
+    parsed = [parse_pass(entry, f"{where}: passes[{i}]") for i, entry in enumerate(passes)]
+    check_order([name for name, _ in parsed], where)
     return Recipe(
         name=check_name(str(data.get("name", default_name)), where),
-        passes=[parse_pass(entry, f"{where}: passes[{i}]") for i, entry in enumerate(passes)],
+        passes=parsed,
         model=data.get("model"),
         corpus=data.get("corpus", "pydoc"),
         calibration=_section(CalibrationSettings, data.get("calibration"), f"{where}: calibration"),

@@ -101,3 +101,20 @@ def test_an_all_zero_group_keeps_a_nonzero_stored_scale():
                                        storage_dtype=torch.float16)
     assert (scale > 0).all() and torch.isfinite(scale).all()
     assert int(grid.quantize(torch.zeros(2, 64), scale, zero, 4, 32).max()) == int(zero.max())
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 32)])
+def test_a_float16_layer_of_small_weights_keeps_its_own_scale(bits, group_size):
+    """float16 stores scales down to 6e-8 (subnormals): a row of small weights must get the
+    scale it needs, not one floored at float16's smallest normal (6.1e-5), which put int8 per
+    channel (int4 g32) on a grid too coarse for rows (groups) with max |w| below 7.8e-3 (4.6e-4)."""
+    from compress.quant.rtn import quantized_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 4, bias=False)
+    linear.weight.data = (torch.randn(4, 128) * 1e-4).half()
+    w = linear.weight.data.double()
+    err16 = (quantized_linear(linear, bits, group_size, True).dequantize(torch.float64) - w).norm()
+    err32 = (quantized_linear(linear.float(), bits, group_size, True).dequantize(torch.float64)
+             - w).norm()
+    assert err16 < 1.1 * err32

@@ -84,3 +84,47 @@ def test_yaml_numbers_read_as_yaml_1_2(tmp_path):
     recipe.write_text("passes:\n  - {pass: sparsegpt, damp: 1e-2, pattern: 2:4}\n")
     config = load_recipe(str(recipe)).passes[0][1]
     assert config.damp == 0.01 and config.pattern == "2:4"
+
+
+# One pass of each order-relevant sort, with options that run on the tiny model (widths 64 and
+# 139-149 via mlp-channels are not all multiples of 64: per-channel int8, nf4 blocksize 32).
+ORDER_PASSES = {"rtn": {"bits": 8, "group_size": 0}, "bnb-nf4": {"blocksize": 32},
+                "magnitude": {"sparsity": 0.5}, "mlp-channels": {"ratio": 0.25},
+                "heads": {"ratio": 0.5}, "layers": {"drop": 1},
+                "lm-head": {"bits": 8, "group_size": 0}}
+
+
+def test_pass_order_checked_up_front_agrees_with_the_passes_themselves(tiny_model, tokens):
+    """`check_order` refuses exactly the two-pass chains whose second pass would fail on the model
+    (after the first pass ran, and its calibration with it)."""
+    import copy
+
+    from compress.calibration import CalibrationData
+    from compress.passes import pass_table
+    from compress.recipe import Recipe, apply_recipe
+
+    table = pass_table()
+    for first in ORDER_PASSES:
+        for second in ORDER_PASSES:
+            if first == second in ("heads", "layers"):
+                continue   # the tiny model's 2 KV groups and 2 layers do not survive halving twice
+            entries = [{"pass": name, **ORDER_PASSES[name]} for name in (first, second)]
+            try:
+                recipe_from_dict({"passes": entries}, "r")
+                refused = None
+            except UserError as exc:
+                refused = str(exc)
+            chain = Recipe("r", passes=[(e["pass"], build(table, e)) for e in entries])
+            try:
+                apply_recipe(copy.deepcopy(tiny_model), chain, calib=CalibrationData(tokens[:2, :32]))
+                failed = None
+            except UserError as exc:
+                failed = str(exc)
+            assert (refused is None) == (failed is None), (first, second, refused, failed)
+
+
+def build(table, entry):
+    from compress.passes import build_config
+
+    fields = {k: v for k, v in entry.items() if k != "pass"}
+    return build_config(table[entry["pass"]], fields)

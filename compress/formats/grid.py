@@ -61,8 +61,12 @@ def compute_qparams(w: torch.Tensor, bits: int, symmetric: bool, group_size: int
 
 
 def _stored(scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """The float32 value of `scale` as stored in `dtype`, never zero (an all-zero group)."""
-    smallest = max(1e-8, torch.finfo(dtype).tiny) if dtype is not None else 1e-8
+    """The float32 value of `scale` as stored in `dtype`, never zero (an all-zero group). The
+    floor is `dtype`'s smallest subnormal, not its smallest normal: float16's is 6.1e-5, which
+    put a row of small weights on a grid coarser than it needs."""
+    smallest = 1e-8
+    if dtype is not None:   # tiny * eps: the smallest subnormal of an IEEE-like format
+        smallest = max(smallest, torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
     scale = scale.clamp(min=smallest)
     return scale if dtype is None else scale.to(dtype).float()
 
