@@ -28,9 +28,11 @@ WEIGHTS = "model.safetensors"
 META = "compress.json"
 
 
-def check_output(out_dir: str, overwrite: bool) -> None:
+def check_output(out_dir: str, overwrite: bool, folder: bool = True) -> None:
     """Fail before any work when the output exists and may not be replaced, or cannot be
-    written."""
+    written. A folder output never replaces a file (--overwrite replaces an output folder)."""
+    if folder and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"output {out_dir} is a file, not a folder; give a folder path")
     if os.path.exists(out_dir) and not overwrite:
         raise UserError(f"output {out_dir} exists; pass --overwrite to replace it")
     check_writable(out_dir)
@@ -66,7 +68,7 @@ def check_output_file(path: str, overwrite: bool) -> None:
     if os.path.isdir(path):
         raise UserError(f"output {path} is a folder; give a file name, such as "
                         f"{os.path.join(path, 'results.json')}")
-    check_output(path, overwrite)
+    check_output(path, overwrite, folder=False)
 
 
 def check_writable(path: str) -> None:
@@ -189,8 +191,14 @@ def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
         model.compress_report = dict(meta["reports"])
     if dtype is not None and dtype != saved_dtype:
         model.to(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if os.path.exists(
-        os.path.join(folder, "tokenizer_config.json")) else None
+    tokenizer = None
+    if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif meta["provenance"].get("loader") not in (None, "random"):
+        # Only a random model is tokenized by bytes; any other would be evaluated on token ids
+        # its embedding never learned, and give a wrong perplexity without a word.
+        raise UserError(f"checkpoint {folder} has no tokenizer (tokenizer_config.json); copy "
+                        "the tokenizer files written with it")
     provenance = dict(meta["provenance"], checkpoint=os.path.abspath(folder),
                       recipe=meta["recipe"])
     return Loaded(model.eval(), tokenizer, provenance)

@@ -41,6 +41,9 @@ def check_out_holds_no_input(args) -> None:
     check_out_spares_inputs); commands check again what a recipe names."""
     out = getattr(args, "out", None)
     if out is None:
+        if getattr(args, "overwrite", False):
+            raise UserError("--overwrite has no effect without --out (it replaces an existing "
+                            "--out)")
         return
     if not out.strip():
         raise UserError("--out is empty; give the path of the output to write")

@@ -265,9 +265,16 @@ class Engine:
                            eos_token_id, pad_token_id, stop_on_eos)
 
     def next_positions(self, prompt_len: int) -> torch.Tensor:
-        """RoPE positions [batch] of the first decoded token after a prefill of `prompt_len`."""
-        positions = torch.full((self.batch,), prompt_len, dtype=torch.long, device=self.device)
-        return positions if self._offsets is None else positions - self._offsets
+        """RoPE positions [batch] of the first decoded token after a prefill of `prompt_len`.
+
+        Always a normal tensor, also inside `generate` (inference mode): the compiled step's
+        guards include its inputs' dispatch keys, and compile_decode captures through `generate`,
+        so an inference tensor there and a normal one from a caller (the bench's setup) compiled
+        the step a second time, at the first timed call, outside compile_s."""
+        with torch.inference_mode(False):
+            positions = torch.full((self.batch,), prompt_len, dtype=torch.long,
+                                   device=self.device)
+            return positions if self._offsets is None else positions - self._offsets
 
     @torch.inference_mode()
     def decode(self, logits: torch.Tensor, positions: torch.Tensor, steps: int,

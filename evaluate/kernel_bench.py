@@ -42,6 +42,10 @@ def linear_shapes(shape: str, kinds: list[str]) -> dict[str, tuple[int, int]]:
               "k_proj": (c.num_key_value_heads * head_dim, c.hidden_size),
               "gate_proj": (c.intermediate_size, c.hidden_size),
               "down_proj": (c.hidden_size, c.intermediate_size)}
+    unknown = [k for k in kinds if k not in shapes]
+    if unknown:
+        raise UserError(f"--linears: unknown kind(s) {', '.join(unknown)}; allowed: "
+                        f"{', '.join(shapes)}")
     return {k: shapes[k] for k in kinds}
 
 
@@ -166,13 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", required=True, help="JSON path; the Markdown goes beside it")
     args = p.parse_args(argv)
-    rows = [int(r) for r in args.rows.split(",")]
-    shapes = linear_shapes(args.shape, args.linears.split(","))
-    try:  # before any timing, not as a traceback from the first int4 layer
+    try:  # before any timing, one line rather than a traceback
+        try:
+            rows = [int(r) for r in args.rows.split(",")]
+        except ValueError:
+            raise UserError(f"--rows takes comma-separated integers, got {args.rows!r}") from None
+        if any(r < 1 for r in rows) or args.repeats < 1:
+            raise UserError(f"--rows and --repeats must be >= 1, got {args.rows}, {args.repeats}")
+        shapes = linear_shapes(args.shape, [k.strip() for k in args.linears.split(",")])
         for name, (_, in_f) in shapes.items():
-            grid.check_group_size(name, in_f, args.group_size, bits=4)
+            try:
+                grid.check_group_size(name, in_f, args.group_size, bits=4)
+            except UserError as exc:
+                raise UserError(f"--group-size: {exc}") from None
     except UserError as exc:
-        print(f"kernel_bench: error: --group-size: {exc}", file=sys.stderr)
+        print(f"kernel_bench: error: {exc}", file=sys.stderr)
         return 2
     doc = {"shape": args.shape, "group_size": args.group_size, "repeats": args.repeats,
            "device": args.device, "environment": environment(args.device), "records": []}

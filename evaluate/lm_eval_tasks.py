@@ -11,7 +11,8 @@ Bundled: `pydoc_mc`, a 4-way multiple-choice continuation task built from the sa
 the perplexity corpus, from the part that neither evaluation nor calibration touches (see
 `pydoc_mc_items`). Each item shows 20 words of a prose paragraph; the answer is its next 8 words,
 the three distractors are 8 words at the same position of other paragraphs. Scored by lm-eval's
-multiple_choice: acc (sum of log-likelihood) and acc_norm (per byte).
+multiple_choice: acc (sum of log-likelihood) and acc_norm (per character of the choice, as lm-eval
+divides: not per byte, which differs for the non-ASCII choices).
 """
 from __future__ import annotations
 

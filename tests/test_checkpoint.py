@@ -72,3 +72,22 @@ def test_parameter_count_is_the_same_before_and_after_quantizing(tiny):
 
     before = parameter_count(tiny.model)
     assert parameter_count(rtn(tiny.model, RTNConfig(bits=4, group_size=32))) == before
+
+
+def test_eval_refuses_a_checkpoint_that_lost_its_tokenizer(tmp_path, capsys):
+    """A checkpoint of a real (not random) source without its tokenizer files would be scored on
+    byte ids its embedding never learned: a wrong perplexity without a word. One line instead."""
+    from compress.cli import main
+    from compress.sources import load_model
+
+    loaded = load_model("random:tiny")
+    loaded.model.save_pretrained(tmp_path / "hf")
+    loaded.tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["quantize", str(tmp_path / "hf"), "--method", "rtn", "--out",
+                 str(tmp_path / "ck")]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        os.remove(tmp_path / "ck" / name)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "ck"), "--windows", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no tokenizer" in err and "\n" not in err

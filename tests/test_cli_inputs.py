@@ -9,6 +9,7 @@ import pytest
 from compress.cli import main
 
 EVAL = ["--windows", "2", "--seq-len", "64"]
+REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reports", "smollm2-135m-rtn")
 
 
 def _files(root):
@@ -30,7 +31,10 @@ def _files(root):
                          "listpass": "passes:\n  - {pass: [rtn]}\n",
                          "intmodel": "model: 123\npasses:\n  - {pass: rtn}\n",
                          "ckmodel": "model: ck\npasses:\n  - {pass: rtn}\n",
-                         "corpfile": "corpus: data/corp.txt\npasses:\n  - {pass: rtn}\n"}.items():
+                         "corpfile": "corpus: data/corp.txt\npasses:\n  - {pass: rtn}\n",
+                         "rtn": "passes:\n  - {pass: rtn}\n",
+                         "noeval": "evaluation: {enabled: false}\npasses:\n  - {pass: rtn}\n"
+                         }.items():
         (root / f"{name}.yaml").write_text(recipe)
 
 
@@ -76,15 +80,36 @@ def _files(root):
     (["sweep", "corpfile.yaml", "--model", "random:tiny", "--out", "data", "--overwrite"],
      "--out data holds the input data/corp.txt"),
     (["report", "afile", "--out", "r.json"], "a report is written as FILE.md, FILE.html or a folder"),
+    (["report", REPORT, "--decode-batch", "8"], "--decode-batch has no effect without"),
+    # --overwrite replaces an output folder, never a file; nor does it mean anything without --out.
+    (["quantize", "random:tiny", "--method", "rtn", "--out", "afile", "--overwrite"],
+     "output afile is a file, not a folder"),
+    (["eval", "random:tiny", "--overwrite"], "--overwrite has no effect without --out"),
+    (["bench", "random:tiny", "--overwrite"], "--overwrite has no effect without --out"),
+    # Flags that would be accepted and ignored, in run and sweep as in quantize.
+    (["run", "rtn.yaml", "--model", "random:tiny", "--calib-samples", "8", "--out", "X"],
+     "--calib-samples has no effect: rtn does not calibrate"),
+    (["run", "rtn.yaml", "--model", "random:tiny", "--no-eval", "--windows", "3", "--out", "X"],
+     "--windows has no effect with --no-eval"),
+    (["run", "rtn.yaml", "--model", "random:tiny", "--no-eval", "--corpus", "pydoc", "--out", "X"],
+     "--corpus has no effect with --no-eval (rtn does not calibrate)"),
+    (["run", "noeval.yaml", "--model", "random:tiny", "--seq-len", "64", "--out", "X"],
+     "--seq-len has no effect when the recipe's evaluation.enabled is false"),
+    (["sweep", "rtn.yaml", "--model", "random:tiny", "--calib-dtype", "bfloat16", "--out", "X"],
+     "--calib-dtype has no effect: rtn does not calibrate"),
 ])
 def test_bad_files_and_values_are_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     _files(tmp_path)
     monkeypatch.chdir(tmp_path)
-    before = sorted(os.listdir(tmp_path))
+    before = _listing(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
-    assert sorted(os.listdir(tmp_path)) == before        # nothing written, nothing left over
+    assert _listing(tmp_path) == before        # nothing written, replaced or left over
+
+
+def _listing(root):
+    return sorted((name, os.path.isdir(root / name)) for name in os.listdir(root))
 
 
 def test_overwrite_never_deletes_an_input_or_the_current_folder(tmp_path, capsys, monkeypatch):

@@ -70,3 +70,13 @@ def test_a_group_size_that_does_not_divide_a_width_is_refused_before_timing(tmp_
     assert "--group-size: group size 128 does not divide the input width 576 of q_proj" in \
         capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shape", "foo"], "unknown random shape 'foo'"), (["--linears", "foo"], "--linears"),
+    (["--rows", "a"], "--rows"), (["--repeats", "0"], "--repeats")])
+def test_bad_arguments_are_one_line_errors_before_timing(tmp_path, capsys, flags, message):
+    out = tmp_path / "k.json"
+    assert main(["--shape", "tiny", "--group-size", "32", "--device", "cpu", "--out", str(out),
+                 *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()

@@ -5,6 +5,7 @@ repository, was shadowed by it elsewhere, and a wheel of ours wrote files into i
 from __future__ import annotations
 
 import ast
+import re
 import importlib.util
 import shutil
 import subprocess
@@ -73,3 +74,38 @@ def test_the_wheel_holds_compress_evaluate_and_no_top_level_evaluate(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "compress/evaluate/bench.py" in names and "compress/evaluate/engine.py" in names
     assert not [n for n in names if n.startswith("evaluate/")]
+
+
+def test_every_third_party_package_the_code_imports_is_declared():
+    """A package imported by compress/ or evaluate/ must be in pyproject's dependencies (or the
+    test extra), not only present because another dependency happens to pull it in."""
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values()
+                                       for s in extra]
+    declared = {_normalized(re.match(r"[A-Za-z0-9_.-]+", spec).group()) for spec in specs}
+    distributions = importlib.metadata.packages_distributions()
+    missing = set()
+    for folder in ("compress", "evaluate"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {name.split(".")[0] for name in names}:
+                    if top in sys.stdlib_module_names or top in ("compress", "evaluate"):
+                        continue
+                    owners = {_normalized(d) for d in distributions.get(top, [top])}
+                    if not owners & declared:
+                        missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, sorted(missing)
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()

@@ -13,7 +13,7 @@ def add_model_options(parser) -> None:
                         help="float dtype (default: float32 on cpu, bfloat16 on cuda)")
 
 
-def add_eval_options(parser, corpus_default: str = "pydoc") -> None:
+def add_eval_options(parser, corpus_default: str = "pydoc", batch_default: str = "1") -> None:
     parser.add_argument("--corpus", default=None,
                         help=f"pydoc, wikitext, random (token ids for timing runs), a "
                              f".txt/.jsonl/.parquet file, or a hub dataset (default: "
@@ -23,7 +23,7 @@ def add_eval_options(parser, corpus_default: str = "pydoc") -> None:
     parser.add_argument("--seq-len", type=int, default=None,
                         help="evaluation window length (default: the corpus protocol)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="evaluation batch size (default: the recipe's, else 1)")
+                        help=f"evaluation batch size (default: {batch_default})")
 
 
 def resolve_dtype(args) -> torch.dtype:
@@ -57,6 +57,28 @@ def add_calibration_options(p) -> None:
     p.add_argument("--calib-dtype", default=None,
                    help="what calibration forwards compute in: bfloat16 or float16 (default: the "
                         "recipe's, else the weights' own); statistics stay float32")
+
+
+def check_flags_have_effect(args, recipes, evaluates: bool, no_eval: str) -> None:
+    """Evaluation flags when nothing is evaluated, and calibration flags when no pass of
+    `recipes` calibrates, would be accepted and ignored: refuse them instead. `no_eval` says
+    why nothing is evaluated ("without --eval")."""
+    calibrates = any(recipe.needs_calibration() for recipe in recipes)
+    methods = ", ".join(dict.fromkeys(name for recipe in recipes for name, _ in recipe.passes))
+    no_eval = f"has no effect {no_eval}"
+    no_calib = f"has no effect: {methods} does not calibrate"
+    corpus = f"{no_eval} ({methods} does not calibrate)"
+    for flag, value, used, why in (
+            ("--windows", args.windows, evaluates, no_eval),
+            ("--seq-len", args.seq_len, evaluates, no_eval),
+            ("--batch-size", args.batch_size, evaluates, no_eval),
+            ("--corpus", args.corpus, evaluates or calibrates, corpus),
+            ("--calib-samples", args.calib_samples, calibrates, no_calib),
+            ("--calib-seq-len", args.calib_seq_len, calibrates, no_calib),
+            ("--calib-device", args.calib_device, calibrates, no_calib),
+            ("--calib-dtype", args.calib_dtype, calibrates, no_calib)):
+        if value is not None and not used:
+            raise UserError(f"{flag} {why}")
 
 
 def apply_calibration_options(recipe, args) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from compress.commands import (add_calibration_options, add_eval_options, add_model_options,
-                               apply_calibration_options, apply_eval_options, resolve_dtype)
+                               apply_calibration_options, apply_eval_options,
+                               check_flags_have_effect, resolve_dtype)
 from compress.checkpoint import check_output
 from compress.errors import UserError, choices
 from compress.passes import build_config, pass_table
@@ -64,26 +65,6 @@ def pass_fields(args, flags) -> dict:
     return fields
 
 
-def check_flags_have_effect(args, recipe: Recipe) -> None:
-    """Evaluation flags without --eval, and calibration flags for a pass that does not
-    calibrate, would be accepted and ignored: refuse them instead."""
-    calibrates = recipe.needs_calibration()
-    no_eval = "has no effect without --eval"
-    no_calib = f"has no effect: {args.method} does not calibrate"
-    corpus = f"{no_eval} ({args.method} does not calibrate)"
-    for flag, value, used, why in (
-            ("--windows", args.windows, args.eval, no_eval),
-            ("--seq-len", args.seq_len, args.eval, no_eval),
-            ("--batch-size", args.batch_size, args.eval, no_eval),
-            ("--corpus", args.corpus, args.eval or calibrates, corpus),
-            ("--calib-samples", args.calib_samples, calibrates, no_calib),
-            ("--calib-seq-len", args.calib_seq_len, calibrates, no_calib),
-            ("--calib-device", args.calib_device, calibrates, no_calib),
-            ("--calib-dtype", args.calib_dtype, calibrates, no_calib)):
-        if value is not None and not used:
-            raise UserError(f"{flag} {why}")
-
-
 def run_single_pass(args: argparse.Namespace, kind: str, flags) -> int:
     table = {n: s for n, s in pass_table().items() if s.kind == kind}
     if args.method not in table:
@@ -92,7 +73,7 @@ def run_single_pass(args: argparse.Namespace, kind: str, flags) -> int:
     check_output(args.out, args.overwrite)
     recipe = Recipe(name=recipe_name(args.method, config), passes=[(args.method, config)],
                     model=args.model)
-    check_flags_have_effect(args, recipe)
+    check_flags_have_effect(args, [recipe], args.eval, "without --eval")
     apply_calibration_options(recipe, args)
     apply_eval_options(recipe, args)
     session = Session.open(args.model, recipe.corpus, args.device, resolve_dtype(args))

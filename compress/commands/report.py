@@ -136,6 +136,8 @@ def thresholds(args) -> Thresholds:
         min_decode_speedup=args.min_decode_speedup, min_prefill_speedup=args.min_prefill_speedup,
         max_kl=args.max_kl, min_top1_agreement=args.min_top1_agreement,
         decode_batch=args.decode_batch)
+    if t.decode_batch is not None and t.min_decode_speedup is None:
+        raise UserError("--decode-batch has no effect without --min-decode-speedup")
     for flag, value in (("--min-decode-speedup", t.min_decode_speedup),
                         ("--min-prefill-speedup", t.min_prefill_speedup), ("--max-kl", t.max_kl)):
         if value is not None and not value >= 0:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from compress.checkpoint import check_out_spares_inputs, check_output
 from compress.commands import (add_calibration_options, add_eval_options, add_model_options,
-                               apply_calibration_options, apply_eval_options, resolve_dtype)
+                               apply_calibration_options, apply_eval_options,
+                               check_flags_have_effect, resolve_dtype)
 from compress.commands.bench import build_bench_config
 from compress.commands.quantize import print_summary
 from compress.commands.sweep import Measure
@@ -25,7 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-eval", dest="eval", action="store_false",
                    help="skip evaluation even if the recipe asks for it")
     add_calibration_options(p)
-    add_eval_options(p, corpus_default="the recipe's")
+    add_eval_options(p, corpus_default="the recipe's", batch_default="the recipe's, else 1")
     add_model_options(p)
     p.set_defaults(run=run)
 
@@ -38,9 +39,11 @@ def run(args) -> int:
     # The command line's inputs were checked in compress.cli; the recipe's model and corpus too.
     check_out_spares_inputs(args.out, args.overwrite, [recipe.model, recipe.corpus], recipe.model)
     check_output(args.out, args.overwrite)
+    do_eval = args.eval and recipe.evaluation.enabled
+    check_flags_have_effect(args, [recipe], do_eval, "with --no-eval" if not args.eval else
+                            "when the recipe's evaluation.enabled is false")
     apply_calibration_options(recipe, args)
     apply_eval_options(recipe, args)
-    do_eval = args.eval and recipe.evaluation.enabled
     if recipe.bench is not None and not do_eval:
         why = "drop --no-eval" if not args.eval else "set the recipe's evaluation.enabled: true"
         raise UserError("the recipe asks for a benchmark, which is reported beside the "

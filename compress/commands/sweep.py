@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from compress.checkpoint import atomic_output_dir, check_out_spares_inputs, check_output
 from compress.commands import (add_calibration_options, add_eval_options, add_model_options,
-                               apply_calibration_options, apply_eval_options, resolve_dtype)
+                               apply_calibration_options, apply_eval_options,
+                               check_flags_have_effect, resolve_dtype)
 from compress.commands.bench import (add_runtime_switches, build_bench_config, runtime_switches,
                                      switch_flags)
 from compress.errors import UserError, check_number
@@ -50,7 +51,7 @@ def add_parser(subparsers) -> None:
                         "the pydoc protocol needs 2.0); above it the baseline is recomputed per "
                         "window instead, 0 always recomputes")
     add_calibration_options(p)
-    add_eval_options(p, corpus_default="the recipes'")
+    add_eval_options(p, corpus_default="the recipes'", batch_default="the recipes', else 1")
     add_model_options(p)
     t = p.add_argument_group("lm-eval tasks (scored on the in-memory models)")
     t.add_argument("--tasks", default=None, metavar="NAME[,NAME]",
@@ -105,6 +106,7 @@ def load_recipes(args) -> list:
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):  # (baseline and failures are refused by load_recipe)
         raise UserError(f"recipe names must be unique: {', '.join(names)}")
+    check_flags_have_effect(args, recipes, True, "")   # a sweep always evaluates
     for recipe in recipes:
         if recipe.bench is not None:
             raise UserError(f"recipe {recipe.name} has a bench section, which compress sweep does "
