@@ -312,3 +312,26 @@ def test_a_flushed_timing_subtracts_the_flush_and_says_so(monkeypatch):
     assert timing.seconds_per_call(lambda: None, "cpu", 3, 0, 1, flush=lambda: None) == \
         (0.001, "c, warm L2 (the flush's noise exceeded the call)")
     assert timing.l2_flush("cpu") is None
+
+
+def test_bench_reports_the_bytes_a_decode_step_reads(tiny_bench):
+    doc, _ = tiny_bench(batch="1,2", new="4")
+    row = doc["rows"][0]
+    total = row["weight_bytes"]["total"]            # tied lm_head: the table is read once
+    for step in row["decode"]:
+        # K and V of the mean context (prompt 8 + (4 + 1) / 2) of a 12-slot cache.
+        kv = step["kv_cache_bytes"] * (8 + 5 / 2) / 12
+        assert step["bytes_per_step"] == pytest.approx(total + kv, rel=1e-12)
+        assert step["pct_of_roofline"] == pytest.approx(
+            100 * step["roofline_ms_per_token"] / step["ms_per_token"])
+
+
+@pytest.mark.parametrize("lm_head,expected", [(0, 1000 + 50), (300, 700 + 50)])
+def test_untied_embedding_table_is_not_read_by_a_decode_step(lm_head, expected):
+    from types import SimpleNamespace
+
+    from compress.evaluate.bench import decode_bytes_per_step
+
+    engine = SimpleNamespace(kv_cache_bytes=lambda: 200, max_len=8)
+    weights = {"total": 1000, "embedding": 300, "lm_head": lm_head}
+    assert decode_bytes_per_step(weights, engine, 2) == expected

@@ -20,14 +20,19 @@ def _linear(out_features=96, in_features=128, bias=False):
 @pytest.mark.parametrize("bits,cls", [(8, Int8Linear), (4, Int4Linear)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [0, 32])
-def test_quantized_linear_matches_dequantized_matmul(bits, cls, symmetric, group_size):
+@pytest.mark.parametrize("shape", [(3, 5, 128), (1, 1, 128)])   # the reference; the CPU kernels
+def test_quantized_linear_matches_dequantized_matmul(bits, cls, symmetric, group_size, shape):
     layer = _linear(bias=True)
     q = quantized_linear(layer, bits, group_size, symmetric)
     assert isinstance(q, cls)
-    x = torch.randn(3, 5, 128)
+    x = torch.randn(*shape)
     expected = x @ grid.fake_quantize(layer.weight.data, bits, symmetric, group_size).T + layer.bias
     torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q.reference_forward(x), expected, rtol=1e-5, atol=1e-5)
+    # One float32 row runs torch's CPU kernel where it takes the layout (int8: symmetric per
+    # channel; int4: grouped), so q(x) above checked it, not the reference twice.
+    kernel_fits = (symmetric and group_size == 0) if bits == 8 else group_size > 0
+    assert (q.kernel != "reference") == (shape[:2] == (1, 1) and kernel_fits)
 
 
 @pytest.mark.parametrize("out_features,in_features", [(96, 128), (48, 576), (40, 192)])

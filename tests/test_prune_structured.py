@@ -238,3 +238,27 @@ def test_dropping_the_widest_layer_leaves_a_config_that_builds_the_kept_layers(t
     assert model.config.intermediate_size == min(widths)
     meta = _roundtrip(model, tokens, tmp_path, stock=True)
     assert "shapes" not in meta
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_mlp_magnitude_without_reconstruct_keeps_the_largest_down_columns_as_they_were(
+        tiny_model, tokens, scope):
+    model = tiny_model
+    downs = [layer.mlp.down_proj.weight.detach().clone() for layer in model.model.layers]
+    model = _prune(model, "mlp-channels", tokens, ratio=0.25, criterion="magnitude",
+                   reconstruct=False, scope=scope)
+    for w, layer in zip(downs, model.model.layers):
+        kept = layer.mlp.down_proj.in_features
+        largest = torch.sort(w.pow(2).sum(0), descending=True).indices[:kept].sort().values
+        assert torch.equal(layer.mlp.down_proj.weight, w[:, largest])   # exact: no re-fit
+
+
+def test_heads_without_reconstruct_slice_o_proj_unchanged(tiny_model, tokens):
+    model = tiny_model
+    o = [layer.self_attn.o_proj.weight.detach().clone() for layer in model.model.layers]
+    model = _prune(model, "heads", tokens, ratio=0.5, mode="kv-groups", reconstruct=False)
+    for w, layer, removed in zip(o, model.model.layers,
+                                 model.compress_report["structured"]["removed_per_layer"]):
+        kept = [g for g in range(2) if g not in removed]          # 2 KV groups of 2 heads
+        cols = torch.cat([torch.arange(g * 32, g * 32 + 32) for g in kept])
+        assert torch.equal(layer.self_attn.o_proj.weight, w[:, cols])
