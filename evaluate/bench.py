@@ -281,6 +281,7 @@ def linear_timer(device, replayed: set[int] = frozenset()):
     2:4."""
     flush = l2_flush(device)  # each call reads its weight from memory, as in the model
 
+    @torch.inference_mode()  # as the engine runs them: no autograd graph for the dense weight
     def timer(weight: torch.Tensor, rows: int) -> tuple[float, str]:
         x = torch.randn(rows, weight.shape[1], device=device, dtype=weight.dtype)
         return seconds_per_call(lambda: F.linear(x, weight), device, calls_per_sample(rows), 2, 5,

@@ -3,6 +3,8 @@ Markdown table. Every figure carries the device it was measured on; on a CPU no 
 (peak allocated, CUDA events) holds a number."""
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from compress.evaluate.bench import (HF_PEERS, BenchConfig, bench_engine, measure_ceilings,
@@ -51,7 +53,11 @@ def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,
     progress(f"benchmarking {source} with the compress engine")
     measured(engine_rows, bench_engine(model, cfg, device, "compress", ceil))
     # The quantized peers load their own copies: free ours first (an 8B bf16 model is 16 GB).
+    # The row's Engine holds the model in a reference cycle (its steps are bound methods of
+    # itself, its compiled step too): only dynamo's reset and a cyclic collection free it.
     model = loaded.model = None
+    torch.compiler.reset()
+    gc.collect()
     sync_and_free(device)
     for peer in [p for p in cfg.peers if p not in HF_PEERS]:
         progress(f"peer {peer}")
