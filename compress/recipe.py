@@ -207,9 +207,10 @@ def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
 
 
 # A recipe's name becomes a file name in a sweep folder (NAME.json): one plain path component,
-# and neither of the names a sweep writes itself.
+# none of the names a sweep writes itself, and not results / compress: `compress report` reads a
+# folder holding results.json or compress.json as one checkpoint, not as a sweep.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-RESERVED_NAMES = ("baseline", "failures")
+RESERVED_NAMES = ("baseline", "failures", "results", "compress")
 
 
 def check_name(name: str, where: str) -> str:

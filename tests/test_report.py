@@ -375,3 +375,54 @@ def test_kl_of_a_compressed_baseline_says_what_it_was_measured_against():
     given = markdown_report([result("a", kl=0.1)], result("b", kl=0.05))
     assert "reference of both is the baseline." in plain
     assert "the uncompressed model of the sweep that measured them" in given
+
+
+def test_a_baseline_without_tasks_or_speed_does_not_let_other_protocols_through():
+    # The baseline evaluated alone (compress eval): the recipes' task and speed figures still
+    # share one table and one note, so they must share one protocol.
+    from compress.errors import UserError
+
+    a, b = result("a", tasks=0.5, ms=10), result("b", tasks=0.4, ms=8)
+    b["protocol"]["tasks"] = dict(b["protocol"]["tasks"], limit=10)
+    with pytest.raises(UserError, match="tasks figures measured on different protocols"):
+        results_frame([result(), a, b])
+    b = result("b", ms=8)
+    b["protocol"]["speed"] = dict(SPEED_PROTOCOL, prompt=2048)
+    with pytest.raises(UserError, match="speed figures measured on different protocols"):
+        results_frame([result(), a, b])
+
+
+def test_the_task_note_comes_from_a_scored_result_when_the_baseline_was_not_scored():
+    scored = result("int4", tasks=0.4)
+    scored["protocol"]["tasks"].update(limit=10, num_fewshot=5)
+    text = markdown_report([scored], result())
+    assert "lm-eval 0.4.13" in text and "limit 10, few-shot 5" in text
+
+
+def test_borrowed_speed_names_the_dtype_it_was_timed_in():
+    from compress.reports.speed_source import attach_speed
+
+    quality = [result(), result("int4")]                     # float32 on the CPU
+    donors = [(f"gpu/{n}.json", result(n if n != "baseline" else None, ms=m))
+              for n, m in (("baseline", 10), ("int4", 5))]
+    for _, d in donors:
+        d["protocol"]["dtype"] = "bfloat16"
+        d["model"]["source"] = "random:tiny-gpu"
+    assert attach_speed(quality, donors) == []
+    text = markdown_report(quality)
+    assert "timed on random:tiny-gpu in bfloat16" in text
+
+
+def test_speed_of_two_runs_is_not_said_to_be_of_the_same_run():
+    old, new = result(ms=10), result("int4", ms=8)
+    old["metrics"]["speed"]["ceilings"] = {"copy": {"bytes_per_s": 27e9}}
+    new["metrics"]["speed"]["ceilings"] = {"copy": {"bytes_per_s": 37e9}}
+    assert "measured in the same run" not in markdown_report([old, new])
+    new["metrics"]["speed"]["ceilings"] = old["metrics"]["speed"]["ceilings"]
+    assert "Speed-up is over the baseline measured in the same run" in markdown_report([old, new])
+
+
+def test_a_nan_perplexity_reads_nan_not_unmeasured():
+    """Perplexity is always measured: NaN means a broken model and must not read as "-"."""
+    text = markdown_report([result("x", ppl=float("nan"))], result())
+    assert "| x | nan | nan |" in text

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 
+import pytest
 import yaml
 
 from compress.cli import main
@@ -162,3 +163,16 @@ def test_a_recipe_bench_section_is_refused_not_ignored(tmp_path, capsys):
     assert "recipe timed has a bench section, which compress sweep does not read" in \
         capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["results", "compress"])
+def test_a_recipe_name_that_would_hide_the_sweep_folder_is_refused(tmp_path, name):
+    # NAME.json in a sweep folder: results.json makes `compress report DIR` read that one
+    # recipe as the whole folder; compress.json makes it a checkpoint without results.
+    from compress.errors import UserError
+    from compress.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: {name}\npasses:\n  - {{pass: rtn, bits: 8, group_size: 0}}\n")
+    with pytest.raises(UserError, match="recipe name"):
+        load_recipe(str(path))

@@ -37,7 +37,7 @@ def report_blocks(results: list[dict], baseline: dict | None = None, title: str 
     tasks = task_columns(frame)
     if tasks:
         blocks += [("h", 2, "lm-eval tasks"), _task_table(frame, tasks)]
-        blocks.append(("p", _task_note(base)))
+        blocks.append(("p", _task_note([base, *results])))
     prefill, batches = speed_shapes(frame)
     if batches or prefill:
         blocks += [("h", 2, "Speed"), *_speed_blocks(frame, base, results, prefill, batches),
@@ -101,7 +101,7 @@ def _quality_table(frame: pd.DataFrame) -> tuple:
                "x smaller", "linear MB", "linear x smaller", "compress s", "hash"]
     rows = []
     for _, r in frame.iterrows():
-        rows.append([r["name"], fmt(r["perplexity"], 3), fmt(r["ppl_delta_pct"], 2, sign=True),
+        rows.append([r["name"], always(r["perplexity"], 3), always(r["ppl_delta_pct"], 2, True),
                      sig(r["kl_divergence"], 3), fmt(100 * r["top1_agreement"], 2),
                      fmt(100 * r["sparsity"], 1), fmt(r["weight_mb"], 1),
                      fmt(r["weight_ratio"], 2), fmt(r["linear_mb"], 1), fmt(r["linear_ratio"], 2),
@@ -125,8 +125,9 @@ def _task_table(frame: pd.DataFrame, tasks: list[tuple[str, str]]) -> tuple:
     return ("table", headers, rows)
 
 
-def _task_note(base: dict) -> str:
-    proto = base["protocol"].get("tasks") or {}
+def _task_note(results: list[dict]) -> str:
+    # One task protocol for every scored result (check_comparable); the baseline may have none.
+    proto = next((r["protocol"]["tasks"] for r in results if r["protocol"].get("tasks")), {})
     files = ", ".join(f"{k} = {v['path']} (sha256 {v['sha256'][:12]})"
                       for k, v in (proto.get("data_files") or {}).items())
     return (f"lm-eval {proto.get('lm_eval', '?')} on the in-memory model (HFLM); "
@@ -171,14 +172,28 @@ def _speed_blocks(frame, base, results, prefill, batches) -> list[tuple]:
     note = (f"compress engine (static KV cache, own token loop): decode prompt "
             f"{proto.get('prompt')}, {proto.get('new_tokens')} new tokens, greedy, no early stop; "
             f"median of {proto.get('repeats')} after {proto.get('warmup')} warm-up; compile "
-            f"{runtime_options(proto)}; inputs {proto.get('inputs')}. Speed-up is over the "
-            "baseline measured in the same run. % roofline = the bytes a step must read over "
-            "the copy bandwidth measured in the same run.")
+            f"{runtime_options(proto)}; inputs {proto.get('inputs')}. " + _same_run_note(
+                [base, *results]))
     devices = set(frame.get("speed_device", pd.Series(dtype=object)).dropna())
     if any(d.startswith("CPU") for d in devices):
         note += (" Measured on a CPU: these are not GPU figures, and kernels chosen for GPUs "
                  "(int4/int8 matmuls, 2:4 sparsity) may run slower here than float.")
     return [("table", headers, rows), ("p", note)]
+
+
+def _same_run_note(results: list[dict]) -> str:
+    """A sweep measures the copy / matmul ceilings once: rows with other ceilings (or none)
+    were timed in another run, and their speed-up is not over a baseline of their own run."""
+    import json
+
+    timed = [r["metrics"]["speed"] for r in results if r["metrics"].get("speed")]
+    runs = {json.dumps(s.get("ceilings"), sort_keys=True) for s in timed}
+    if len(runs) <= 1 or not all(s.get("ceilings") for s in timed):  # older JSONs lack them
+        return ("Speed-up is over the baseline measured in the same run. % roofline = the bytes "
+                "a step must read over the copy bandwidth measured in the same run.")
+    return ("Speed-up is over the baseline row, but these rows were timed in different runs "
+            "(their measured bandwidths differ): run-to-run noise is in the ratios. % roofline = "
+            "the bytes a step must read over the copy bandwidth its own run measured.")
 
 
 VERDICT_NOTE = (f"Verdict: a speed-up within {NOISE:.0%} of 1.0 counts as the same (the speed "
@@ -237,6 +252,11 @@ def _num(value) -> bool:
 def sig(value, digits: int) -> str:
     """Significant digits: KL spans 1e-6 (noise floor) to 1 (a broken model)."""
     return f"{value:.{digits}g}" if _num(value) else "-"
+
+
+def always(value, digits: int, sign: bool = False) -> str:
+    """A figure every result has (perplexity): NaN is a broken model, not "not measured"."""
+    return "nan" if isinstance(value, float) and math.isnan(value) else fmt(value, digits, sign)
 
 
 def fmt(value, digits: int, sign: bool = False) -> str:

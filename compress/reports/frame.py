@@ -100,10 +100,13 @@ def row(result: dict) -> dict:
 
 def speed_device(speed: dict) -> str:
     """Which device measured the speed figures, in words: 'NVIDIA H100 80GB HBM3' or 'CPU (...)'."""
-    borrowed = (speed.get("borrowed_from") or {}).get("model")
+    borrowed = speed.get("borrowed_from") or {}
     device = speed.get("gpu") or \
         f"CPU ({speed.get('cpu') or 'unknown'}, {speed.get('threads', '?')} threads)"
-    return device + (f", timed on {borrowed}" if borrowed else "")
+    if not borrowed.get("model"):
+        return device
+    dtype = f" in {borrowed['dtype']}" if borrowed.get("dtype") else ""
+    return device + f", timed on {borrowed['model']}{dtype}"
 
 
 def check_comparable(base: dict, results: list[dict]) -> None:
@@ -121,7 +124,10 @@ def check_comparable(base: dict, results: list[dict]) -> None:
                             f"{want} vs {got}")
     for section, keys in (("tasks", TASK_PROTOCOL_KEYS), ("speed", SPEED_PROTOCOL_KEYS),
                           ("speed", SPEED_OPTION_KEYS)):
-        ref = base["protocol"].get(section)
+        # Against the first result that has the section: the baseline may have been evaluated
+        # without tasks or a benchmark, and the rows that have them still share one table.
+        ref = next((r["protocol"][section] for r in [base, *results]
+                    if r["protocol"].get(section)), None)
         for r in results:
             other = r["protocol"].get(section)
             if ref and other and _compared(ref, keys) != _compared(other, keys):

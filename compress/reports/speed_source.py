@@ -64,6 +64,7 @@ def attach_speed(results: list[dict], donors: list[tuple[str, dict]]) -> list[st
                             f"{model_shape(result)}")
         result["metrics"]["speed"] = {**donor["metrics"]["speed"], "borrowed_from": {
             "file": path, "model": donor["model"]["source"],
+            "dtype": donor["protocol"].get("dtype"),  # not the quality protocol's dtype
             "why": "speed does not depend on weight values; timed on this model of the "
                    "same shape"}}
         result["protocol"]["speed"] = donor["protocol"]["speed"]
