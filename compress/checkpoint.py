@@ -156,7 +156,7 @@ def read_meta(folder: str) -> dict:
         return json.load(handle)
 
 
-def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
+def load_checkpoint(folder: str, dtype: torch.dtype | None = None, need_tokenizer: bool = True):
     """Rebuild the model of `folder` with its saved modules and bytes. Returns a `Loaded`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
@@ -194,7 +194,7 @@ def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
     tokenizer = None
     if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    elif meta["provenance"].get("loader") not in (None, "random"):
+    elif need_tokenizer and meta["provenance"].get("loader") not in (None, "random"):
         # Only a random model is tokenized by bytes; any other would be evaluated on token ids
         # its embedding never learned, and give a wrong perplexity without a word.
         raise UserError(f"checkpoint {folder} has no tokenizer (tokenizer_config.json); copy "

@@ -37,8 +37,10 @@ def check_device(device: str, what: str = "device") -> None:
         raise UserError(f"unknown {what} {device!r}; allowed: cpu, cuda, cuda:N")
 
 
-def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Loaded:
-    """Load any supported source. The model is in eval mode, on `device`, in `dtype`."""
+def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               need_tokenizer: bool = True) -> Loaded:
+    """Load any supported source. The model is in eval mode, on `device`, in `dtype`.
+    `need_tokenizer` False: a checkpoint that lost its tokenizer loads (speed on token ids)."""
     if source == SMOLLM2_ALIAS:
         loaded = _load_gguf(smollm2_path(), dtype)
         loaded.provenance["source"] = source
@@ -52,7 +54,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
         # AttributeError: compress.json names a module the model does not have.
         with user_error_on(f"checkpoint {source} is incomplete or corrupt", OSError, ValueError,
                            KeyError, TypeError, AttributeError, SafetensorError):
-            loaded = load_checkpoint(source, dtype)
+            loaded = load_checkpoint(source, dtype, need_tokenizer)
     elif os.path.isdir(source):
         loaded = _load_hf(source, dtype, local=True)
     elif os.path.isfile(source) and source.endswith(".gguf"):

@@ -26,6 +26,7 @@ from compress.formats.fp8 import FP8Linear, fp8_capable
 from compress.formats.w8a8 import W8A8Linear
 from compress.quant.rtn import quantized_linear
 from compress.shapes import llama_config
+from compress.sources import check_device
 
 COMPILED_MAX_ROWS = 64  # rows up to this are decode batches: timed through torch.compile
 # Compiled inductor reductions whose block sizes matter: also timed with coordinate-descent
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         if any(r < 1 for r in rows) or args.repeats < 1:
             raise UserError(f"--rows and --repeats must be >= 1, got {args.rows}, {args.repeats}")
         shapes = linear_shapes(args.shape, [k.strip() for k in args.linears.split(",")])
+        check_device(args.device)
+        if os.path.isdir(args.out):
+            raise UserError(f"--out {args.out} is a folder; give a JSON file name, such as "
+                            f"{os.path.join(args.out, 'kernels.json')}")
         for name, (_, in_f) in shapes.items():
             try:
                 grid.check_group_size(name, in_f, args.group_size, bits=4)

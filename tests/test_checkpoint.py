@@ -74,7 +74,7 @@ def test_parameter_count_is_the_same_before_and_after_quantizing(tiny):
     assert parameter_count(rtn(tiny.model, RTNConfig(bits=4, group_size=32))) == before
 
 
-def test_eval_refuses_a_checkpoint_that_lost_its_tokenizer(tmp_path, capsys):
+def test_eval_refuses_a_checkpoint_that_lost_its_tokenizer_and_bench_times_it(tmp_path, capsys):
     """A checkpoint of a real (not random) source without its tokenizer files would be scored on
     byte ids its embedding never learned: a wrong perplexity without a word. One line instead."""
     from compress.cli import main
@@ -91,3 +91,6 @@ def test_eval_refuses_a_checkpoint_that_lost_its_tokenizer(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "ck"), "--windows", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "has no tokenizer" in err and "\n" not in err
+    # Timing reads token ids only: the bench still runs it.
+    assert main(["bench", str(tmp_path / "ck"), "--batch", "1", "--prompt", "8", "--new", "2",
+                 "--prefill", "1x16", "--warmup", "0", "--repeats", "1", "--peers", "none"]) == 0

@@ -3,6 +3,7 @@ unit of the speed-ups, and each format's kernel choice as compress/formats makes
 import json
 
 import pytest
+import torch
 
 from compress.evaluate.kernel_bench import linear_shapes, main
 
@@ -80,3 +81,17 @@ def test_bad_arguments_are_one_line_errors_before_timing(tmp_path, capsys, flags
     assert main(["--shape", "tiny", "--group-size", "32", "--device", "cpu", "--out", str(out),
                  *flags]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    assert main(["--shape", "tiny", "--group-size", "32", "--device", "cuda", "--out", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_out_folder_is_refused_before_timing(tmp_path, capsys):
+    assert main(["--shape", "tiny", "--group-size", "32", "--device", "cpu", "--rows", "1",
+                 "--repeats", "1", "--linears", "q_proj", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not (tmp_path.parent / f"{tmp_path.name}.tmp").exists()
