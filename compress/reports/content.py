@@ -4,6 +4,7 @@ the same way: ('h', level, text), ('p', text), ('ul', [text]), ('table', headers
 the package version and the machine; every speed figure names the device that measured it."""
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -184,8 +185,6 @@ def _speed_blocks(frame, base, results, prefill, batches) -> list[tuple]:
 def _same_run_note(results: list[dict]) -> str:
     """A sweep measures the copy / matmul ceilings once: rows with other ceilings (or none)
     were timed in another run, and their speed-up is not over a baseline of their own run."""
-    import json
-
     timed = [r["metrics"]["speed"] for r in results if r["metrics"].get("speed")]
     runs = {json.dumps(s.get("ceilings"), sort_keys=True) for s in timed}
     if len(runs) <= 1 or not all(s.get("ceilings") for s in timed):  # older JSONs lack them
