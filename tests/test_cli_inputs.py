@@ -97,6 +97,8 @@ def _files(root):
      "--seq-len has no effect when the recipe's evaluation.enabled is false"),
     (["sweep", "rtn.yaml", "--model", "random:tiny", "--calib-dtype", "bfloat16", "--out", "X"],
      "--calib-dtype has no effect: rtn does not calibrate"),
+    (["sweep", "noeval.yaml", "--model", "random:tiny", "--out", "X"],
+     "recipe noeval sets evaluation.enabled: false, which compress sweep does not read"),
 ])
 def test_bad_files_and_values_are_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     _files(tmp_path)

@@ -108,6 +108,10 @@ def load_recipes(args) -> list:
         raise UserError(f"recipe names must be unique: {', '.join(names)}")
     check_flags_have_effect(args, recipes, True, "")   # a sweep always evaluates
     for recipe in recipes:
+        if not recipe.evaluation.enabled:
+            raise UserError(f"recipe {recipe.name} sets evaluation.enabled: false, which compress "
+                            "sweep does not read: a sweep evaluates every model; drop the key "
+                            "(compress run reads it)")
         if recipe.bench is not None:
             raise UserError(f"recipe {recipe.name} has a bench section, which compress sweep does "
                             "not read: a sweep times every model alike with --bench and the "
