@@ -156,7 +156,7 @@ def read_meta(folder: str) -> dict:
         return json.load(handle)
 
 
-def load_checkpoint(folder: str, dtype: torch.dtype | None = None, need_tokenizer: bool = True):
+def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
     """Rebuild the model of `folder` with its saved modules and bytes. Returns a `Loaded`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
@@ -191,14 +191,8 @@ def load_checkpoint(folder: str, dtype: torch.dtype | None = None, need_tokenize
         model.compress_report = dict(meta["reports"])
     if dtype is not None and dtype != saved_dtype:
         model.to(dtype)
-    tokenizer = None
-    if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    elif need_tokenizer and meta["provenance"].get("loader") not in (None, "random"):
-        # Only a random model is tokenized by bytes; any other would be evaluated on token ids
-        # its embedding never learned, and give a wrong perplexity without a word.
-        raise UserError(f"checkpoint {folder} has no tokenizer (tokenizer_config.json); copy "
-                        "the tokenizer files written with it")
+    tokenizer = AutoTokenizer.from_pretrained(folder) if os.path.exists(
+        os.path.join(folder, "tokenizer_config.json")) else None
     provenance = dict(meta["provenance"], checkpoint=os.path.abspath(folder),
                       recipe=meta["recipe"])
     return Loaded(model.eval(), tokenizer, provenance)

@@ -38,6 +38,12 @@ class Session:
              dtype: torch.dtype = torch.float32) -> "Session":
         loaded = load_model(source, dtype=dtype, device=device)
         if loaded.tokenizer is None:
+            if loaded.provenance.get("loader") not in (None, "random"):
+                # Only a random model is tokenized by bytes; any other would be scored on token
+                # ids its embedding never learned: a wrong perplexity without a word. (Timing
+                # reads token ids only: compress bench loads such a checkpoint.)
+                raise UserError(f"{source} has no tokenizer (tokenizer_config.json); copy the "
+                                "tokenizer files written with it")
             from compress.sources import byte_tokenizer
 
             loaded.tokenizer = byte_tokenizer()

@@ -37,10 +37,8 @@ def check_device(device: str, what: str = "device") -> None:
         raise UserError(f"unknown {what} {device!r}; allowed: cpu, cuda, cuda:N")
 
 
-def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               need_tokenizer: bool = True) -> Loaded:
-    """Load any supported source. The model is in eval mode, on `device`, in `dtype`.
-    `need_tokenizer` False: a checkpoint that lost its tokenizer loads (speed on token ids)."""
+def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Loaded:
+    """Load any supported source. The model is in eval mode, on `device`, in `dtype`."""
     if source == SMOLLM2_ALIAS:
         loaded = _load_gguf(smollm2_path(), dtype)
         loaded.provenance["source"] = source
@@ -54,7 +52,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
         # AttributeError: compress.json names a module the model does not have.
         with user_error_on(f"checkpoint {source} is incomplete or corrupt", OSError, ValueError,
                            KeyError, TypeError, AttributeError, SafetensorError):
-            loaded = load_checkpoint(source, dtype, need_tokenizer)
+            loaded = load_checkpoint(source, dtype)
     elif os.path.isdir(source):
         loaded = _load_hf(source, dtype, local=True)
     elif os.path.isfile(source) and source.endswith(".gguf"):

@@ -21,7 +21,7 @@ def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,
     by a time limit still leaves what it measured (rows in measured order, marked incomplete)."""
     from compress.sources import load_model
 
-    loaded = load_model(source, dtype=dtype, device=device, need_tokenizer=False)  # token ids only
+    loaded = load_model(source, dtype=dtype, device=device)
     model = loaded.model
     progress(f"measuring ceilings on {device}")
     ceil = measure_ceilings(cfg, device, dtype)

@@ -220,7 +220,7 @@ def _load_torchao(name: str, source: str, device):
 
     from compress.sources import load_model
 
-    model = load_model(source, dtype=torch.bfloat16, device=str(device), need_tokenizer=False).model
+    model = load_model(source, dtype=torch.bfloat16, device=str(device)).model
     widths = (model.config.hidden_size, model.config.intermediate_size)
     group = 128 if all(w % 128 == 0 for w in widths) else 64  # smollm2's 576 needs 64
     config = Int4WeightOnlyConfig(group_size=group, **torchao_int4_options(Int4WeightOnlyConfig)) \
