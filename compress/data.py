@@ -158,4 +158,16 @@ def _hub_texts(name: str) -> tuple[str, str]:
     except Exception as exc:  # datasets raises many types for an unreachable hub
         raise UserError(f"could not load corpus {name!r} from the hub (is it reachable?): "
                         f"{first_line(exc)}; allowed: {CORPUS_HELP}") from exc
-    return "\n\n".join(test["text"]), "\n\n".join(train["text"])
+    return _split_text(name, test, "test"), _split_text(name, train, "train")
+
+
+def _split_text(name: str, split, split_name: str) -> str:
+    """A hub split's 'text' column joined as PROTOCOL.md says; a KeyError traceback otherwise."""
+    if "text" not in split.column_names:
+        raise UserError(f"hub dataset {name!r} has no 'text' column in its {split_name} split; "
+                        f"columns: {', '.join(split.column_names)}")
+    texts = split["text"]
+    if not all(isinstance(text, str) for text in texts):
+        raise UserError(f"hub dataset {name!r}: every 'text' value of its {split_name} split "
+                        "must be a string")
+    return "\n\n".join(texts)

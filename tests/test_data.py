@@ -82,3 +82,21 @@ def test_random_shapes_carry_the_published_rope_and_context():
                                      "original_max_position_embeddings": 8192}
     assert llama_config("llama3-8b").rope_parameters == {"rope_type": "default",
                                                          "rope_theta": 500000.0}
+
+
+def test_a_hub_dataset_without_text_is_a_user_error(monkeypatch):
+    """Seen through a stand-in for the hub: a dataset with no 'text' column was a KeyError."""
+    import datasets
+
+    splits = {"test": datasets.Dataset.from_dict({"sentence": ["a b"]}),
+              "train": datasets.Dataset.from_dict({"text": ["a b"]})}
+    monkeypatch.setattr("compress.data.hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, config, split: splits[split])
+    with pytest.raises(UserError, match="no 'text' column in its test split; columns: sentence"):
+        load_corpus("someone/glue-like", byte_tokenizer())
+    splits["test"] = datasets.Dataset.from_dict({"text": ["hello " * 40, None]})
+    with pytest.raises(UserError, match="every 'text' value of its test split"):
+        load_corpus("someone/glue-like", byte_tokenizer())
+    splits["test"] = datasets.Dataset.from_dict({"text": ["hello " * 40, "world"]})
+    corpus = load_corpus("someone/glue-like", byte_tokenizer())
+    assert bytes(corpus.eval_ids.tolist()).decode() == "hello " * 40 + "\n\nworld"
