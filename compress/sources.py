@@ -87,7 +87,7 @@ def _load_gguf(path: str, dtype: torch.dtype) -> Loaded:
     # The float model no longer carries GGUF quantization: keep the config from claiming it does.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return Loaded(model, tokenizer, {"loader": "gguf", "path": path, "sha256": _sha256(path)})
+    return Loaded(model, tokenizer, {"loader": "gguf", "path": path, "sha256": file_sha256(path)})
 
 
 def _load_hf(source: str, dtype: torch.dtype, local: bool) -> Loaded:
@@ -162,7 +162,7 @@ def _byte_of(char: str) -> int:
     return others[code - 256]
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

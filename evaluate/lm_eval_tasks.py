@@ -17,7 +17,6 @@ divides: not per byte, which differs for the non-ASCII choices).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from compress.errors import UserError
+from compress.sources import file_sha256
 
 BUNDLED = ("pydoc_mc",)
 # pydoc_mc reads characters [25%, 45%) of the pydoc text. For SmolLM2's tokenizer the 20 evaluation
@@ -162,7 +162,7 @@ def _data_files(tasks: dict) -> dict:
             for one in [path] if isinstance(path, str) else path:
                 if os.path.isfile(one):
                     found[f"{name}:{split}"] = {"path": os.path.basename(one),
-                                                "sha256": _sha256(one)}
+                                                "sha256": file_sha256(one)}
     return found
 
 
@@ -235,13 +235,6 @@ def _preserved_random_state():
             random.setstate(py)
             np.random.set_state(npy)
 
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
