@@ -180,3 +180,20 @@ def test_scale_layer_returns_the_gram_of_the_new_inputs(tiny_model, tokens):
         expected = after[name].sum_xx
         torch.testing.assert_close(grams[name], expected, rtol=1e-3,
                                    atol=1e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("max_shrink,n_grid,lowest", [(0.5, 20, 0.55), (0.52, 20, 0.5),
+                                                      (0.29, 100, 0.72), (0.0, 20, 1.0)])
+def test_clip_search_tries_every_ratio_above_one_minus_max_shrink(monkeypatch, max_shrink,
+                                                                  n_grid, lowest):
+    from compress.quant import awq as awq_module
+
+    tried, original = [], awq_module.grid.compute_qparams
+
+    def spy(w, bits, symmetric, group_size, clip_ratio=1.0, storage_dtype=None):
+        tried.append(float(clip_ratio))
+        return original(w, bits, symmetric, group_size, clip_ratio, storage_dtype)
+
+    monkeypatch.setattr(awq_module.grid, "compute_qparams", spy)
+    awq_module.clip_ratios(torch.randn(8, 64), torch.eye(64), 4, 32, True, max_shrink, n_grid)
+    assert min(tried) == pytest.approx(lowest)

@@ -25,6 +25,7 @@ Groups in a Llama layer (producer -> consumers):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +103,9 @@ def clip_ratios(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size:
     idx = torch.arange(groups, device=w.device)
     blocks = gram.reshape(groups, size, groups, size)[idx, :, idx, :]
     best_err = best_ratio = None
-    for i in range(max(1, int(max_shrink * n_grid))):
+    # Every 1 - i/n_grid above 1 - max_shrink: i < max_shrink * n_grid (rounded first, so that
+    # 0.29 * 100 = 28.999999999999996 still counts as 29).
+    for i in range(max(1, math.ceil(round(max_shrink * n_grid, 9)))):
         ratio = 1.0 - i / n_grid
         scale, zero = grid.compute_qparams(w, bits, symmetric, group_size, ratio, weight.dtype)
         w_q = grid.dequantize(grid.quantize(w, scale, zero, bits, group_size), scale, zero,
