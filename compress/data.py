@@ -99,6 +99,8 @@ def _texts(name: str) -> tuple[str, str | None]:
         return "\n\n".join(topics[k] for k in sorted(topics)), None
     if os.path.isfile(name):
         return _local_text(name), None
+    if os.path.isdir(name):
+        raise UserError(f"corpus {name!r} is a folder; allowed: {CORPUS_HELP}")
     if name.endswith((".txt", ".jsonl", ".json", ".parquet")) or name.startswith((".", "/")):
         raise UserError(f"corpus file {name!r} does not exist; allowed: {CORPUS_HELP}")
     return _hub_texts(name)

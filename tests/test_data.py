@@ -100,3 +100,9 @@ def test_a_hub_dataset_without_text_is_a_user_error(monkeypatch):
     splits["test"] = datasets.Dataset.from_dict({"text": ["hello " * 40, "world"]})
     corpus = load_corpus("someone/glue-like", byte_tokenizer())
     assert bytes(corpus.eval_ids.tolist()).decode() == "hello " * 40 + "\n\nworld"
+
+
+def test_a_folder_as_corpus_is_named_a_folder_not_missing(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n')
+    with pytest.raises(UserError, match="is a folder"):
+        load_corpus(str(tmp_path), byte_tokenizer())

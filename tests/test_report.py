@@ -344,3 +344,18 @@ def test_a_nan_perplexity_reads_nan_not_unmeasured():
     """Perplexity is always measured: NaN means a broken model and must not read as "-"."""
     text = markdown_report([result("x", ppl=float("nan"))], result())
     assert "| x | nan | nan |" in text
+
+
+def test_software_line_names_the_code_of_every_row_not_only_the_baselines():
+    base = result(ppl=10.0)
+    base["environment"] = dict(ENV, source={"commit": "aaaaaaaaaaaa", "dirty": True})
+    later = result("int4", ppl=10.4, total=300e6)
+    later["environment"] = dict(ENV, torch="2.9", source={"commit": "bbbbbbbbbbbb", "dirty": False})
+    same = result("int8", ppl=10.1, total=500e6)
+    same["environment"] = dict(ENV, source={"commit": "cccccccccccc", "dirty": False})
+    text = markdown_report([base, later, same], title="T")
+    software = next(line for line in text.splitlines() if line.startswith("- Software:"))
+    # Commits of the same versions share one entry; other versions get their own.
+    assert f"(git aaaaaaaaaaaa, with uncommitted changes; git cccccccccccc), torch {ENV['torch']}" \
+        in software
+    assert "(git bbbbbbbbbbbb), torch 2.9" in software

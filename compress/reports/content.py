@@ -76,11 +76,15 @@ def _setup(results: list[dict], base: dict) -> list[tuple]:
                      f"{proto['divergence'].get('reference')}.")
     machines = sorted({_machine(r["environment"]) for r in results})
     env = base["environment"]
-    src = env.get("source")
-    code = (f" (git {src['commit']}{', with uncommitted changes' if src['dirty'] else ''})"
-            if src else "")
-    items.append(f"Software: compress {env['compress']}{code}, torch {env['torch']}, "
-                 f"transformers {env['transformers']}, python {env.get('python')}.")
+    # Every row's software, not only the baseline's: rows added to a folder later ran other
+    # code. Commits are listed under the versions they ran with.
+    commits: dict[tuple, list[str]] = {}
+    for row_env in (r["environment"] for r in [base, *results]):
+        codes = commits.setdefault(_versions(row_env), [])
+        if _commit(row_env) not in codes + [""]:
+            codes.append(_commit(row_env))
+    software = [_software(versions, codes) for versions, codes in commits.items()]
+    items.append(f"Software: {'; '.join(software)}.")
     items.append(f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}.")
     items.append(f"Date: {env.get('date')}.")
     if prov.get("loader") == "gguf":
@@ -88,6 +92,21 @@ def _setup(results: list[dict], base: dict) -> list[tuple]:
                      "against this float baseline; group-wise asymmetric rounding can partly "
                      "re-create the file's own grid.")
     return [("ul", items)]
+
+
+def _versions(env: dict) -> tuple:
+    return env["compress"], env["torch"], env["transformers"], env.get("python")
+
+
+def _software(versions: tuple, commits: list[str]) -> str:
+    code = f" ({'; '.join(commits)})" if commits else ""
+    return (f"compress {versions[0]}{code}, torch {versions[1]}, transformers {versions[2]}, "
+            f"python {versions[3]}")
+
+
+def _commit(env: dict) -> str:
+    src = env.get("source")
+    return f"git {src['commit']}{', with uncommitted changes' if src['dirty'] else ''}" if src else ""
 
 
 def _machine(env: dict) -> str:
