@@ -48,13 +48,15 @@ class AttentionSwap:
 
 
 def use_gqa_decode_attention(model: nn.Module) -> AttentionSwap | None:
-    """Switch a model that runs transformers' SDPA attention to `gqa_decode_sdpa`, registering it
-    (and SDPA's mask function under its name) with transformers; None for other models."""
+    """Switch a model that runs transformers' SDPA attention with grouped key/value heads to
+    `gqa_decode_sdpa`, registering it (and SDPA's mask function under its name) with
+    transformers; None for other models (without groups there is no repeat_kv copy to spare)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     config = model.config
-    if config._attn_implementation != "sdpa":
+    if config._attn_implementation != "sdpa" or \
+            config.num_attention_heads == config.num_key_value_heads:
         return None
     AttentionInterface.register(NAME, gqa_decode_sdpa)
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

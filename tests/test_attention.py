@@ -94,3 +94,15 @@ def test_gqa_decode_on_cuda_under_cuda_graphs_gives_the_sdpa_logits(first_compil
     swap = use_gqa_decode_attention(model)
     torch.testing.assert_close(first_compiled_step(model, ids, 48), plain, rtol=2e-2, atol=2e-2)
     swap.undo()
+
+
+def test_models_without_key_value_groups_are_left_alone():
+    """Multi-head attention has no repeat_kv copy to spare: no swap, and a bench row says so."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=64)
+    model = LlamaForCausalLM(config).eval()
+    assert model.config._attn_implementation == "sdpa"
+    assert use_gqa_decode_attention(model) is None
+    assert model.config._attn_implementation == "sdpa"
