@@ -20,6 +20,7 @@ import json
 import os
 import re
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import yaml
@@ -194,8 +195,11 @@ def recipe_from_dict(data, default_name: str, where: str = "recipe") -> Recipe:
                         f"{data['corpus']!r}")
     parsed = [parse_pass(entry, f"{where}: passes[{i}]") for i, entry in enumerate(passes)]
     check_order([name for name, _ in parsed], where)
+    if "name" in data and not isinstance(data["name"], str):
+        raise UserError(f"{where}: name must be a string such as int4-g64-sym (quote it), got "
+                        f"{data['name']!r}")
     return Recipe(
-        name=check_name(str(data.get("name", default_name)), where),
+        name=check_name(data.get("name", default_name), where),
         passes=parsed,
         model=data.get("model"),
         corpus=data.get("corpus", "pydoc"),
@@ -232,9 +236,30 @@ def load_yaml(stream):
             first: [(tag, regexp) for tag, regexp in resolvers if tag not in (int_tag, float_tag)]
             for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
+        def construct_mapping(self, node, deep=False):
+            # A key given twice is an error, not the last value silently (PyYAML keeps the last).
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    break   # the base class says so
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    def construct_int(loader, node):
+        # YAML 1.2: 010 is ten (not octal eight), 0o10 is eight, 0x10 sixteen.
+        text = loader.construct_scalar(node).replace("_", "")
+        lower = text.lower()
+        return int(text, 16 if "0x" in lower else 8 if "0o" in lower else 10)
+
+    Loader.add_constructor(int_tag, construct_int)
     # Integers first: a plain 5 matches both.
     Loader.add_implicit_resolver(int_tag, re.compile(
-        r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+        r"^(?:[-+]?[0-9][0-9_]*|[-+]?0o[0-7_]+|[-+]?0x[0-9a-fA-F_]+)$"),
         list("-+0123456789"))
     Loader.add_implicit_resolver(float_tag, re.compile(
         r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"

@@ -42,7 +42,9 @@ def apply_eval_options(recipe, args) -> None:
     if args.batch_size is not None:
         recipe.evaluation.batch_size = args.batch_size
     recipe.evaluation.check()
-    if args.corpus:
+    if args.corpus is not None:
+        if not args.corpus.strip():
+            raise UserError("--corpus is empty; give a corpus name or file such as pydoc")
         recipe.corpus = args.corpus
 
 
@@ -90,6 +92,6 @@ def apply_calibration_options(recipe, args) -> None:
     if args.calib_dtype is not None:
         recipe.calibration.dtype = args.calib_dtype
     recipe.calibration.check()
-    if args.calib_device:
+    if args.calib_device is not None:
         check_device(args.calib_device, "calibration device")
         recipe.calibration.device = args.calib_device

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 from compress.commands import (add_calibration_options, add_eval_options, add_model_options,
                                apply_calibration_options, apply_eval_options,
                                check_flags_have_effect, resolve_dtype)
@@ -61,7 +63,11 @@ def pass_fields(args, flags) -> dict:
         if field in fields:  # one value per field, not the last one silently
             given = f"--{field.replace('_', '-')}" if field in flags else f"--option {field}"
             raise UserError(f"--option {item} sets {field} again, after {given}; give it once")
-        fields[field] = load_yaml(value)
+        try:
+            fields[field] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--option {item}: the value is not valid YAML "
+                            f"({str(exc).splitlines()[0]})") from exc
     return fields
 
 

@@ -120,6 +120,10 @@ def mlp_channels(model: nn.Module, config: MLPChannelsConfig, calib) -> nn.Modul
                                                 min_keep=max(1, min(widths) // 8))
     if min(keep_counts) < 1:
         raise UserError(f"ratio {config.ratio} leaves no MLP channel in some layer")
+    if all(k == w for k, w in zip(keep_counts, widths)):
+        raise UserError(f"ratio {config.ratio} removes no MLP channel (widths "
+                        f"{min(widths)}-{max(widths)}); allowed: a ratio of at least "
+                        f"{0.5 / min(widths):.2g}")
     removed_by_layer = {}
 
     def prune_layer(index, layer, forward):

@@ -33,6 +33,8 @@ class SparsityConfig:
 
     def __post_init__(self):
         nm = masks.parse_pattern(self.pattern)
+        if nm is not None:   # one spelling per pattern: 02:04 is 2:4 (name, resolved recipe, hash)
+            self.pattern = f"{nm[0]}:{nm[1]}"
         check_number("owl_threshold", self.owl_threshold, 0, strict=True)
         masks.check_owl_lambda(self.owl_lambda)   # here, not after the calibration forwards
         if self.profile not in masks.PROFILES:
