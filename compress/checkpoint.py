@@ -181,8 +181,12 @@ def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
                             f"compress {compress.__version__}; known: {', '.join(FORMATS)}")
         set_submodule(model, name, FORMATS[spec["format"]].from_spec(spec, saved_dtype))
     state = load_file(os.path.join(folder, WEIGHTS))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = _tied_names(model)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor whose shape is not the one config / compress.json give
+        raise UserError(f"checkpoint {folder} does not match its config or compress.json: "
+                        f"{_first_mismatch(exc)}") from exc
+    tied = tied_names(model)
     if unexpected or set(missing) - tied:
         raise UserError(f"checkpoint {folder} does not match its config: missing "
                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
@@ -196,6 +200,11 @@ def load_checkpoint(folder: str, dtype: torch.dtype | None = None):
     provenance = dict(meta["provenance"], checkpoint=os.path.abspath(folder),
                       recipe=meta["recipe"])
     return Loaded(model.eval(), tokenizer, provenance)
+
+
+def _first_mismatch(exc: RuntimeError) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+    return lines[0] if lines else str(exc).strip().splitlines()[0]
 
 
 def _reshaped_linears(model: nn.Module) -> dict[str, list]:
@@ -223,7 +232,7 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_names(model: nn.Module) -> set[str]:
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
     return {name for name, _ in model.named_parameters(remove_duplicate=False)

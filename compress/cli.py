@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from compress import __version__
-from compress.checkpoint import check_out_spares_inputs
 from compress.errors import UserError
 
 SUBCOMMANDS = ("quantize", "prune", "run", "eval", "report", "sweep", "bench")
@@ -65,6 +66,8 @@ def check_out_holds_no_input(args) -> None:
         return
     if not out.strip():
         raise UserError("--out is empty; give the path of the output to write")
+    from compress.checkpoint import check_out_spares_inputs
+
     inputs = []
     for name in INPUT_ARGS:
         value = getattr(args, name, None)
@@ -73,8 +76,21 @@ def check_out_holds_no_input(args) -> None:
                             getattr(args, "model", None))
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()   # imports torch and transformers: seconds
+    except KeyboardInterrupt:
+        print("compress: interrupted while starting; nothing was written", file=sys.stderr)
+        return 130
+    args = parser.parse_args(argv)
+    # SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C, so unfinished outputs are
+    # removed instead of left as .OUT.tmp-* folders.
+    previous = (signal.signal(signal.SIGTERM, _interrupt)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         check_out_holds_no_input(args)
         return args.run(args) or 0
@@ -85,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compress {args.command}: interrupted; its unfinished outputs were removed",
               file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

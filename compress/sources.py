@@ -93,15 +93,26 @@ def _load_gguf(path: str, dtype: torch.dtype) -> Loaded:
 def _load_hf(source: str, dtype: torch.dtype, local: bool) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from compress.checkpoint import tied_names
+
     # Offline, a hub id can still load from the local cache; nothing is retried over the network.
     local_only = local or not hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, local_files_only=local_only, output_loading_info=True)
     except (OSError, ValueError) as exc:
         where = "folder" if local else "hub id (is the Hugging Face hub reachable?)"
         raise UserError(f"could not load model {source!r} as a {where}: {first_line(exc)}; "
                         f"allowed: {SOURCES_HELP}") from exc
+    missing = sorted(set(info.get("missing_keys") or ()) - tied_names(model))
+    if missing:
+        # transformers initializes missing weights at random and goes on: a silent wrong model.
+        hint = (" (its tensors are a compress checkpoint's: is compress.json missing?)"
+                if any(k.endswith(".qweight") for k in
+                       info.get("unexpected_keys") or ()) else "")
+        raise UserError(f"model {source!r} lacks {len(missing)} weight(s) its config needs, such "
+                        f"as {missing[0]}{hint}; they would be random")
     return Loaded(model, tokenizer, {"loader": "hf-local" if local else "hf-hub"})
 
 
