@@ -84,10 +84,22 @@ def _load_gguf(path: str, dtype: torch.dtype) -> Loaded:
     with user_error_on(f"could not read GGUF file {path}", OSError, ValueError, KeyError):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    check_plain_linears(model, f"GGUF file {path}")
     # The float model no longer carries GGUF quantization: keep the config from claiming it does.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return Loaded(model, tokenizer, {"loader": "gguf", "path": path, "sha256": file_sha256(path)})
+
+
+def check_plain_linears(model: torch.nn.Module, where: str) -> None:
+    """Transformers may keep GGUF weights packed in its own linear classes (with the `kernels`
+    package and a reachable hub); the passes and formats here read and replace nn.Linear."""
+    packed = {type(m).__name__ for m in model.modules()
+              if "Linear" in type(m).__name__ and type(m) is not torch.nn.Linear}
+    if packed:
+        raise UserError(f"{where} loaded with packed layers ({', '.join(sorted(packed))}), not "
+                        "float nn.Linear; compress needs the de-quantized model: uninstall the "
+                        "`kernels` package")
 
 
 def _load_hf(source: str, dtype: torch.dtype, local: bool) -> Loaded:

@@ -1,4 +1,4 @@
-"""Recipes and CLI flags read one way: a key or option given twice, a value that is not YAML,
+"""Recipes and CLI flags read one way: a recipe key given twice, a value that is not YAML,
 numbers and N:M patterns spelled differently, settings that would change nothing: refused in
 one line (exit 2, nothing written) or read alike."""
 import json
@@ -39,13 +39,6 @@ def test_a_key_given_twice_in_a_recipe_is_refused(text, tmp_path):
     recipe.write_text(text)
     with pytest.raises(UserError, match="given twice"):
         load_recipe(str(recipe))
-
-
-def test_an_option_given_twice_is_refused(tmp_path, capsys, monkeypatch):
-    _refused(["quantize", "random:tiny", "--method", "rtn", "--bits", "4", "--bits", "8",
-              "--out", "X"], "--bits: given twice", tmp_path, capsys, monkeypatch)
-    _refused(["prune", "random:tiny", "--method", "magnitude", "--sparsity=0.5", "--sparsity",
-              "0.6", "--out", "X"], "--sparsity: given twice", tmp_path, capsys, monkeypatch)
 
 
 def test_yaml_integers_are_yaml_1_2():
