@@ -164,7 +164,8 @@ def _hub_texts(name: str) -> tuple[str, str]:
 
 
 def _split_text(name: str, split, split_name: str) -> str:
-    """A hub split's 'text' column joined as PROTOCOL.md says; a KeyError traceback otherwise."""
+    """A hub split's 'text' column joined as PROTOCOL.md says, or a one-line error naming its
+    columns (instead of a KeyError traceback)."""
     if "text" not in split.column_names:
         raise UserError(f"hub dataset {name!r} has no 'text' column in its {split_name} split; "
                         f"columns: {', '.join(split.column_names)}")

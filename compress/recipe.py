@@ -240,6 +240,8 @@ def load_yaml(stream):
             # A key given twice is an error, not the last value silently (PyYAML keeps the last).
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue   # `<<: *anchor` merges defaults; keys after it override them
                 key = self.construct_object(key_node, deep=True)
                 if not isinstance(key, Hashable):
                     break   # the base class says so
@@ -254,7 +256,11 @@ def load_yaml(stream):
         # YAML 1.2: 010 is ten (not octal eight), 0o10 is eight, 0x10 sixteen.
         text = loader.construct_scalar(node).replace("_", "")
         lower = text.lower()
-        return int(text, 16 if "0x" in lower else 8 if "0o" in lower else 10)
+        try:
+            return int(text, 16 if "0x" in lower else 8 if "0o" in lower else 10)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text!r} is not an integer", node.start_mark) from None
 
     Loader.add_constructor(int_tag, construct_int)
     # Integers first: a plain 5 matches both.

@@ -78,7 +78,7 @@ def markdown(doc: dict) -> str:
              + (f", driver {env.get('driver')}" if env.get("driver") else ""),
              f"- Protocol: prompt {proto['prompt']}, {proto['new_tokens']} new tokens, "
              f"{proto['decode']}; median of {proto['repeats']} after {proto['warmup']} warm-up; "
-             f"compile {runtime_options(proto)}; {proto['inputs']}",
+             f"compile {runtime_options(proto, doc['rows'])}; {proto['inputs']}",
              f"- Ceilings measured in this run on {ceil['device']}: copy "
              f"{ceil['copy']['bytes_per_s'] / 1e9:,.1f} GB/s (read + write), "
              f"{ceil['matmul']['dtype']} {ceil['matmul']['n']}^3 matmul "

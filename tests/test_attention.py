@@ -106,3 +106,13 @@ def test_models_without_key_value_groups_are_left_alone():
     assert model.config._attn_implementation == "sdpa"
     assert use_gqa_decode_attention(model) is None
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_reports_name_the_gqa_decode_attention_only_where_it_ran():
+    from compress.reports.content import runtime_options
+
+    proto = {"compile": False, "gqa_decode": True}
+    assert runtime_options(proto, [{"gqa_decode_attention": True}]) == \
+        "False (GQA decode attention)"
+    assert "not used: no key/value groups" in runtime_options(proto,
+                                                               [{"gqa_decode_attention": False}])

@@ -262,3 +262,15 @@ def test_heads_without_reconstruct_slice_o_proj_unchanged(tiny_model, tokens):
         kept = [g for g in range(2) if g not in removed]          # 2 KV groups of 2 heads
         cols = torch.cat([torch.arange(g * 32, g * 32 + 32) for g in kept])
         assert torch.equal(layer.self_attn.o_proj.weight, w[:, cols])
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_ratio_that_removes_no_channel_is_refused_with_one_that_does(tiny_model, tokens, scope):
+    import re
+
+    spec = pass_table()["mlp-channels"]
+    calib = CalibrationData(tokens, 2, "cpu")
+    with pytest.raises(UserError, match="removes no MLP channel") as refused:
+        spec.apply(tiny_model, build_config(spec, {"ratio": 0.0005, "scope": scope}), calib)
+    least = float(re.search(r"at least ([0-9.e-]+)", str(refused.value)).group(1))
+    spec.apply(tiny_model, build_config(spec, {"ratio": least, "scope": scope}), calib)

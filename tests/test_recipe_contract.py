@@ -83,3 +83,19 @@ def test_mlp_ratio_that_removes_nothing_is_refused(tmp_path, capsys, monkeypatch
 def test_empty_corpus_or_calib_device_is_refused(flag, message, tmp_path, capsys, monkeypatch):
     _refused(["quantize", "random:tiny", "--method", "gptq", flag, "", *CALIB, "--out", "X"],
              message, tmp_path, capsys, monkeypatch)
+
+
+def test_yaml_merge_keys_load_and_override(tmp_path):
+    assert load_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  y: 3\n")["b"] == {"x": 1, "y": 3}
+    assert load_yaml("a: &a {x: 1}\nb: &b {y: 2}\nc:\n  <<: [*a, *b]\n")["c"] == {"x": 1, "y": 2}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - <<: &q {pass: rtn, bits: 4, group_size: 64}\n"
+                      "    symmetric: true\n")
+    assert load_recipe(str(recipe)).resolved()["passes"][0]["group_size"] == 64
+    with pytest.raises(Exception, match="given twice"):    # still refused beside a merge
+        load_yaml("a: &a {x: 1}\nb:\n  <<: *a\n  y: 1\n  y: 2\n")
+
+
+def test_an_explicit_int_tag_that_is_no_integer_is_one_line(tmp_path, capsys, monkeypatch):
+    _refused(["quantize", "random:tiny", "--method", "rtn", "--option", "bits=!!int 0b100",
+              "--out", "X"], "'0b100' is not an integer", tmp_path, capsys, monkeypatch)

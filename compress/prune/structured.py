@@ -7,6 +7,7 @@ compress.calibration.run_layerwise, so later layers are pruned on already-pruned
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -121,9 +122,13 @@ def mlp_channels(model: nn.Module, config: MLPChannelsConfig, calib) -> nn.Modul
     if min(keep_counts) < 1:
         raise UserError(f"ratio {config.ratio} leaves no MLP channel in some layer")
     if all(k == w for k, w in zip(keep_counts, widths)):
+        # round(ratio * width) >= 1 needs ratio * width > 0.5 (round(0.5) is 0): for the widest
+        # layer (scope layer) or all channels together (scope global); 2 digits, rounded up.
+        least = 0.5 / (max(widths) if config.scope == "layer" else sum(widths))
+        digits = 1 - math.floor(math.log10(least))
         raise UserError(f"ratio {config.ratio} removes no MLP channel (widths "
                         f"{min(widths)}-{max(widths)}); allowed: a ratio of at least "
-                        f"{0.5 / min(widths):.2g}")
+                        f"{math.floor(least * 10 ** digits + 1) / 10 ** digits:g}")
     removed_by_layer = {}
 
     def prune_layer(index, layer, forward):

@@ -158,13 +158,18 @@ def _task_note(results: list[dict]) -> str:
                                                                 else ""))
 
 
-def runtime_options(proto: dict) -> str:
-    """How the timed model ran, from a speed protocol: 'True (Triton kernels tuned, ...)'."""
+def runtime_options(proto: dict, rows: list[dict] | None = None) -> str:
+    """How the timed model ran, from a speed protocol: 'True (Triton kernels tuned, ...)'.
+    With the timed rows, --gqa-decode is named only where a row ran it (MHA models skip it)."""
     extras = [text for key, text in (("tune_kernels", "Triton kernels tuned"),
                                      ("compile_prefill", "prefill compiled"),
                                      ("fuse_projections", "q/k/v and gate/up fused"),
                                      ("gqa_decode", "GQA decode attention"))
               if proto.get(key)]
+    if rows is not None and proto.get("gqa_decode") and \
+            not any(r.get("gqa_decode_attention") for r in rows):
+        extras[extras.index("GQA decode attention")] = \
+            "GQA decode attention not used: no key/value groups"
     return f"{proto.get('compile')}" + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -189,10 +194,11 @@ def _speed_blocks(frame, base, results, prefill, batches) -> list[tuple]:
     # have been evaluated without a benchmark.
     proto = next((r["protocol"]["speed"] for r in [base, *results]
                   if r["protocol"].get("speed")), {})
+    timed = [r["metrics"]["speed"] for r in [base, *results] if r["metrics"].get("speed")]
     note = (f"compress engine (static KV cache, own token loop): decode prompt "
             f"{proto.get('prompt')}, {proto.get('new_tokens')} new tokens, greedy, no early stop; "
             f"median of {proto.get('repeats')} after {proto.get('warmup')} warm-up; compile "
-            f"{runtime_options(proto)}; inputs {proto.get('inputs')}. " + _same_run_note(
+            f"{runtime_options(proto, timed)}; inputs {proto.get('inputs')}. " + _same_run_note(
                 [base, *results]))
     devices = set(frame.get("speed_device", pd.Series(dtype=object)).dropna())
     if any(d.startswith("CPU") for d in devices):
