@@ -38,6 +38,13 @@ def eval_defaults(corpus: str) -> tuple[int, int | None]:
     return EVAL_DEFAULTS.get(corpus, LOCAL_DEFAULTS)
 
 
+def window_shape(corpus: str, seq_len: int | None, count: int | None) -> tuple[int, int | None]:
+    """(tokens per window, window count; None: every full window): unset values are the
+    corpus's protocol defaults."""
+    default_len, default_count = eval_defaults(corpus)
+    return seq_len or default_len, default_count if count is None else count
+
+
 def load_corpus(name: str, tokenizer, vocab_size: int | None = None) -> TokenizedCorpus:
     """`vocab_size` (the model's): the range of the `random` corpus, and the bound every other
     corpus's token ids are checked against."""

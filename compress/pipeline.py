@@ -13,8 +13,8 @@ import torch
 
 from compress.calibration import CalibrationData
 from compress.checkpoint import atomic_output_dir, write_checkpoint
-from compress.data import (TokenizedCorpus, calibration_samples, eval_defaults, eval_windows,
-                           load_corpus)
+from compress.data import (TokenizedCorpus, calibration_samples, eval_windows, load_corpus,
+                           window_shape)
 from compress.errors import UserError
 from compress.evaluate.divergence import Reference, evaluate_windows
 from compress.evaluate.memory import parameter_count, weight_bytes
@@ -53,9 +53,7 @@ class Session:
 
 def evaluation_windows(session: Session, settings: EvaluationSettings) -> torch.Tensor:
     """The protocol's evaluation windows [count, seq_len] (settings override the corpus default)."""
-    seq_len, count = eval_defaults(session.corpus.name)
-    seq_len = settings.seq_len or seq_len
-    count = settings.windows if settings.windows is not None else count
+    seq_len, count = window_shape(session.corpus.name, settings.seq_len, settings.windows)
     positions = getattr(session.loaded.model.config, "max_position_embeddings", None)
     if positions and seq_len > positions:
         raise UserError(f"evaluation windows of {seq_len} tokens exceed the model's {positions} "

@@ -4,7 +4,7 @@ from the same forward pass on the same evaluation windows as perplexity.
 
 The reference is computed once per sweep and reused for every recipe. It is never written to disk:
 `Reference` keeps each window's log-probs in memory as float16 when they fit a memory budget
-(SmolLM2: 20 windows x 1023 x 49152 x 2 bytes = 2.01 GB), otherwise it keeps the baseline model
+(SmolLM2: 20 windows x 1023 x 49152 x 2 bytes = 2.01 GB, 1.87 GiB), otherwise it keeps the baseline model
 and recomputes a window's log-probs when asked (one extra baseline forward per window and recipe;
 an 8B model's 128k vocabulary makes a cache of even a few windows too big).
 
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from compress.evaluate.perplexity import perplexity_of
 
-DEFAULT_CACHE_BYTES = 4 << 30
+DEFAULT_CACHE_BYTES = 4 << 30   # 4 GiB
 CACHE_DTYPE = torch.float16
 
 

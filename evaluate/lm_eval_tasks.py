@@ -17,6 +17,7 @@ divides: not per byte, which differs for the non-ASCII choices).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -159,10 +160,14 @@ def _data_files(tasks: dict) -> dict:
         files = kwargs.get("data_files") or {}
         files = files if isinstance(files, dict) else {"data": files}
         for split, path in files.items():
-            for one in [path] if isinstance(path, str) else path:
-                if os.path.isfile(one):
-                    found[f"{name}:{split}"] = {"path": os.path.basename(one),
-                                                "sha256": file_sha256(one)}
+            # Every file a split reads: a list names several, a pattern matches several.
+            paths = sorted({one for pattern in ([path] if isinstance(path, str) else path)
+                            for one in (glob.glob(pattern, recursive=True)
+                                        if glob.has_magic(pattern) else [pattern])
+                            if os.path.isfile(one)})
+            for i, one in enumerate(paths):
+                key = f"{name}:{split}" if len(paths) == 1 else f"{name}:{split}[{i}]"
+                found[key] = {"path": os.path.basename(one), "sha256": file_sha256(one)}
     return found
 
 

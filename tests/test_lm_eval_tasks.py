@@ -111,3 +111,29 @@ def test_pydoc_mc_text_is_outside_evaluation_and_calibration():
     calib_start = offsets[len(enc.input_ids) // 2][0]
     assert eval_end < PYDOC_MC_SPAN[0] * len(text)
     assert calib_start > PYDOC_MC_SPAN[1] * len(text)
+
+
+def test_every_data_file_of_a_split_is_recorded(tmp_path):
+    """A split may list files or name a pattern: each file read is recorded with its sha256
+    (only the last of a list, and nothing for a pattern, were)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    paths = []
+    for part in ("a", "b"):
+        path = data / f"part_{part}.jsonl"
+        path.write_text("".join(json.dumps({"q": f"{part}{i}:", "choices": [" yes", " no"],
+                                            "label": i % 2}) + "\n" for i in range(2)))
+        paths.append(str(path))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, files in (("listed", paths), ("globbed", str(data / "*.jsonl"))):
+        (tasks / f"{name}.yaml").write_text(yaml.safe_dump({
+            "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": files}},
+            "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "{{q}}",
+            "doc_to_target": "label", "doc_to_choice": "choices",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}))
+    runner = TaskRunner(TaskSettings(("listed", "globbed"), str(tasks)), str(tmp_path))
+    files = runner.protocol()["data_files"]
+    for task in ("listed", "globbed"):
+        recorded = sorted(f["path"] for key, f in files.items() if key.startswith(task + ":"))
+        assert recorded == ["part_a.jsonl", "part_b.jsonl"], files

@@ -176,3 +176,21 @@ def test_a_recipe_name_that_would_hide_the_sweep_folder_is_refused(tmp_path, nam
     path.write_text(f"name: {name}\npasses:\n  - {{pass: rtn, bits: 8, group_size: 0}}\n")
     with pytest.raises(UserError, match="recipe name"):
         load_recipe(str(path))
+
+
+def test_windows_are_compared_as_evaluation_resolves_them(tmp_path, capsys):
+    """A recipe that spells out the corpus default evaluates the same windows as one that
+    leaves it unset; a recipe asking for other windows is refused."""
+    paths = []
+    for name, evaluation in (("a", {"windows": 20}), ("b", None), ("c", {"windows": 3})):
+        doc = {"name": name, "passes": [{"pass": "rtn", "bits": 8}]}
+        if evaluation:
+            doc["evaluation"] = evaluation
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+        paths.append(str(tmp_path / f"{name}.yaml"))
+    assert main(["sweep", *paths, "--model", "random:tiny", "--seq-len", "32",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "different evaluation windows (tokens, count) (a: (32, 20), b: (32, 20), c: (32, 3))" \
+        in capsys.readouterr().err
+    assert main(["sweep", *paths[:2], "--model", "random:tiny", "--seq-len", "32",
+                 "--out", str(tmp_path / "out")]) == 0

@@ -15,6 +15,7 @@ from compress.commands import (add_calibration_options, add_eval_options, add_mo
                                check_flags_have_effect, resolve_dtype)
 from compress.commands.bench import (add_runtime_switches, build_bench_config, runtime_switches,
                                      switch_flags)
+from compress.data import window_shape
 from compress.errors import UserError, check_number
 from compress.evaluate.bench import sync_and_free
 from compress.evaluate.divergence import Reference
@@ -47,9 +48,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.add_argument("--title", default="", help="report title (default: model and recipes)")
     p.add_argument("--kl-cache-gb", type=float, default=4.0,
-                   help="memory for the baseline's float16 log-probs (default 4 GB; SmolLM2 on "
-                        "the pydoc protocol needs 2.0); above it the baseline is recomputed per "
-                        "window instead, 0 always recomputes")
+                   help="memory for the baseline's float16 log-probs, in GiB (2^30 bytes; "
+                        "default 4; SmolLM2 on the pydoc protocol needs 1.87); above it the "
+                        "baseline is recomputed per window instead, 0 always recomputes")
     add_calibration_options(p)
     add_eval_options(p, corpus_default="the recipes'", batch_default="the recipes', else 1")
     add_model_options(p)
@@ -119,8 +120,11 @@ def load_recipes(args) -> list:
         recipe.model = args.model
         apply_calibration_options(recipe, args)
         apply_eval_options(recipe, args)
+    def windows(r):  # unset values are the corpus default, as evaluation resolves them
+        return window_shape(r.corpus, r.evaluation.seq_len, r.evaluation.windows)
+
     for what, key in (("corpora", lambda r: r.corpus),
-                      ("evaluation settings", lambda r: (r.evaluation.windows, r.evaluation.seq_len))):
+                      ("evaluation windows (tokens, count)", windows)):
         if len({key(r) for r in recipes}) > 1:
             raise UserError(f"recipes use different {what} "
                             f"({', '.join(f'{r.name}: {key(r)}' for r in recipes)}); a sweep "
