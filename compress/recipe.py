@@ -244,10 +244,11 @@ def load_yaml(stream):
                     continue   # `<<: *anchor` merges defaults; keys after it override them
                 key = self.construct_object(key_node, deep=True)
                 if not isinstance(key, Hashable):
-                    break   # the base class says so
+                    break   # unhashable: the base class raises its own error
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} given twice (line {key_node.start_mark.line + 1})",
+                        None, None,
+                        f"key {key!r} given twice (line {key_node.start_mark.line + 1})",
                         key_node.start_mark)
                 seen.add(key)
             return super().construct_mapping(node, deep)

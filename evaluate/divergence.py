@@ -4,9 +4,9 @@ from the same forward pass on the same evaluation windows as perplexity.
 
 The reference is computed once per sweep and reused for every recipe. It is never written to disk:
 `Reference` keeps each window's log-probs in memory as float16 when they fit a memory budget
-(SmolLM2: 20 windows x 1023 x 49152 x 2 bytes = 2.01 GB, 1.87 GiB), otherwise it keeps the baseline model
-and recomputes a window's log-probs when asked (one extra baseline forward per window and recipe;
-an 8B model's 128k vocabulary makes a cache of even a few windows too big).
+(SmolLM2: 20 windows x 1023 x 49152 x 2 bytes = 2.01 GB, 1.87 GiB), otherwise it keeps the
+baseline model and recomputes a window's log-probs when asked (one extra baseline forward per
+window and recipe; an 8B model's 128k vocabulary makes a cache of even a few windows too big).
 
 Why float16 log-probs and not bfloat16 or logits: the probable tokens carry the KL, and their
 log-probs are near 0 where float16's absolute error is smallest (about 1e-3 at |x| ~ 4, 1e-4 at

@@ -241,7 +241,6 @@ def _preserved_random_state():
             np.random.set_state(npy)
 
 
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().strip("'\"")
     return text.splitlines()[0] if text else type(exc).__name__

@@ -106,7 +106,9 @@ def _software(versions: tuple, commits: list[str]) -> str:
 
 def _commit(env: dict) -> str:
     src = env.get("source")
-    return f"git {src['commit']}{', with uncommitted changes' if src['dirty'] else ''}" if src else ""
+    if not src:
+        return ""
+    return f"git {src['commit']}{', with uncommitted changes' if src['dirty'] else ''}"
 
 
 def _machine(env: dict) -> str:
