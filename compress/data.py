@@ -132,11 +132,18 @@ def _local_text(path: str) -> str:
             records = _json_records(path)
             columns = sorted({key for record in records for key in record})
             texts = [record.get("text") for record in records] if "text" in columns else None
+    return _joined_text(f"corpus file {path!r}", columns, texts)
+
+
+def _joined_text(what: str, columns: list[str], texts: list | None, split: str = "") -> str:
+    """A 'text' column (None: there is none) joined as PROTOCOL.md says, or a one-line error
+    naming the columns instead of a KeyError traceback. `split`: a hub dataset's split."""
     if texts is None:
-        raise UserError(f"corpus file {path!r} has no 'text' column; columns: "
-                        f"{', '.join(columns)}")
+        where = f" in its {split} split" if split else ""
+        raise UserError(f"{what} has no 'text' column{where}; columns: {', '.join(columns)}")
     if not all(isinstance(text, str) for text in texts):
-        raise UserError(f"corpus file {path!r}: every 'text' value must be a string")
+        of = f" of its {split} split" if split else ""
+        raise UserError(f"{what}: every 'text' value{of} must be a string")
     return "\n\n".join(texts)
 
 
@@ -171,13 +178,6 @@ def _hub_texts(name: str) -> tuple[str, str]:
 
 
 def _split_text(name: str, split, split_name: str) -> str:
-    """A hub split's 'text' column joined as PROTOCOL.md says, or a one-line error naming its
-    columns (instead of a KeyError traceback)."""
-    if "text" not in split.column_names:
-        raise UserError(f"hub dataset {name!r} has no 'text' column in its {split_name} split; "
-                        f"columns: {', '.join(split.column_names)}")
-    texts = split["text"]
-    if not all(isinstance(text, str) for text in texts):
-        raise UserError(f"hub dataset {name!r}: every 'text' value of its {split_name} split "
-                        "must be a string")
-    return "\n\n".join(texts)
+    columns = split.column_names
+    return _joined_text(f"hub dataset {name!r}", columns,
+                        split["text"] if "text" in columns else None, split_name)

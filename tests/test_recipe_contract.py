@@ -15,10 +15,7 @@ CALIB = ["--calib-samples", "2", "--calib-seq-len", "16"]
 
 def _refused(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    try:
-        code = main(argv)
-    except SystemExit as exc:   # argparse usage errors
-        code = exc.code
+    code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err, err
     assert not os.path.exists(tmp_path / "X")

@@ -9,7 +9,7 @@ from compress.commands import (add_calibration_options, add_eval_options, add_mo
                                apply_calibration_options, apply_eval_options,
                                check_flags_have_effect, resolve_dtype)
 from compress.checkpoint import check_output
-from compress.errors import UserError, choices
+from compress.errors import UserError, choices, first_line
 from compress.passes import build_config, pass_table
 from compress.pipeline import Session, run_recipe
 from compress.recipe import Recipe, load_yaml
@@ -67,7 +67,7 @@ def pass_fields(args, flags) -> dict:
             fields[field] = load_yaml(value)
         except yaml.YAMLError as exc:
             raise UserError(f"--option {item}: the value is not valid YAML "
-                            f"({str(exc).splitlines()[0]})") from exc
+                            f"({first_line(exc)})") from exc
     return fields
 
 

@@ -9,7 +9,8 @@ import math
 
 import pandas as pd
 
-from compress.reports.frame import results_frame, speed_shapes, task_columns, with_baseline
+from compress.reports.frame import (results_frame, shared_protocol, speed_shapes, task_columns,
+                                    with_baseline)
 from compress.reports.verdict import NOISE, shape_speedups, verdict
 
 
@@ -148,8 +149,7 @@ def _task_table(frame: pd.DataFrame, tasks: list[tuple[str, str]]) -> tuple:
 
 
 def _task_note(results: list[dict]) -> str:
-    # One task protocol for every scored result (check_comparable); the baseline may have none.
-    proto = next((r["protocol"]["tasks"] for r in results if r["protocol"].get("tasks")), {})
+    proto = shared_protocol(results, "tasks") or {}
     files = ", ".join(f"{k} = {v['path']} (sha256 {v['sha256'][:12]})"
                       for k, v in (proto.get("data_files") or {}).items())
     return (f"lm-eval {proto.get('lm_eval', '?')} on the in-memory model (HFLM); "
@@ -163,15 +163,13 @@ def _task_note(results: list[dict]) -> str:
 def runtime_options(proto: dict, rows: list[dict] | None = None) -> str:
     """How the timed model ran, from a speed protocol: 'True (Triton kernels tuned, ...)'.
     With the timed rows, --gqa-decode is named only where a row ran it (MHA models skip it)."""
+    gqa_ran = rows is None or any(r.get("gqa_decode_attention") for r in rows)
     extras = [text for key, text in (("tune_kernels", "Triton kernels tuned"),
                                      ("compile_prefill", "prefill compiled"),
                                      ("fuse_projections", "q/k/v and gate/up fused"),
-                                     ("gqa_decode", "GQA decode attention"))
+                                     ("gqa_decode", "GQA decode attention" if gqa_ran else
+                                      "GQA decode attention not used: no key/value groups"))
               if proto.get(key)]
-    if rows is not None and proto.get("gqa_decode") and \
-            not any(r.get("gqa_decode_attention") for r in rows):
-        extras[extras.index("GQA decode attention")] = \
-            "GQA decode attention not used: no key/value groups"
     return f"{proto.get('compile')}" + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -192,16 +190,13 @@ def _speed_blocks(frame, base, results, prefill, batches) -> list[tuple]:
             cells += [fmt(r.get(f"decode_ms_b{b}"), 3), fmt(r.get(f"decode_tok_s_b{b}"), 1),
                       fmt(r.get(f"decode_speedup_b{b}"), 2), fmt(r.get(f"roofline_pct_b{b}"), 1)]
         rows.append(cells)
-    # The speed protocol is one for every timed result (check_comparable); the baseline may
-    # have been evaluated without a benchmark.
-    proto = next((r["protocol"]["speed"] for r in [base, *results]
-                  if r["protocol"].get("speed")), {})
+    proto = shared_protocol([base, *results], "speed") or {}
     timed = [r["metrics"]["speed"] for r in [base, *results] if r["metrics"].get("speed")]
     note = (f"compress engine (static KV cache, own token loop): decode prompt "
             f"{proto.get('prompt')}, {proto.get('new_tokens')} new tokens, greedy, no early stop; "
             f"median of {proto.get('repeats')} after {proto.get('warmup')} warm-up; compile "
-            f"{runtime_options(proto, timed)}; inputs {proto.get('inputs')}. " + _same_run_note(
-                [base, *results]))
+            f"{runtime_options(proto, timed)}; inputs {proto.get('inputs')}. "
+            + _same_run_note(timed))
     devices = set(frame.get("speed_device", pd.Series(dtype=object)).dropna())
     if any(d.startswith("CPU") for d in devices):
         note += (" Measured on a CPU: these are not GPU figures, and kernels chosen for GPUs "
@@ -209,10 +204,10 @@ def _speed_blocks(frame, base, results, prefill, batches) -> list[tuple]:
     return [("table", headers, rows), ("p", note)]
 
 
-def _same_run_note(results: list[dict]) -> str:
-    """A sweep measures the copy / matmul ceilings once: rows with other ceilings (or none)
-    were timed in another run, and their speed-up is not over a baseline of their own run."""
-    timed = [r["metrics"]["speed"] for r in results if r["metrics"].get("speed")]
+def _same_run_note(timed: list[dict]) -> str:
+    """A sweep measures the copy / matmul ceilings once: timed rows (their speed metrics) with
+    other ceilings (or none) were timed in another run, and their speed-up is not over a
+    baseline of their own run."""
     runs = {json.dumps(s.get("ceilings"), sort_keys=True) for s in timed}
     if len(runs) <= 1 or not all(s.get("ceilings") for s in timed):  # older JSONs lack them
         return ("Speed-up is over the baseline measured in the same run. % roofline = the bytes "

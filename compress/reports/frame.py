@@ -109,6 +109,12 @@ def speed_device(speed: dict) -> str:
     return device + f", timed on {borrowed['model']}{dtype}"
 
 
+def shared_protocol(results: list[dict], section: str) -> dict | None:
+    """The protocol `section` ("tasks", "speed") of the first result that has one: the one every
+    other result must share (check_comparable); the baseline may have been run without it."""
+    return next((r["protocol"][section] for r in results if r["protocol"].get(section)), None)
+
+
 def check_comparable(base: dict, results: list[dict]) -> None:
     """Deltas only mean something on one model and one protocol: same windows, dtype, tasks and
     speed shapes."""
@@ -124,10 +130,7 @@ def check_comparable(base: dict, results: list[dict]) -> None:
                             f"{want} vs {got}")
     for section, keys in (("tasks", TASK_PROTOCOL_KEYS), ("speed", SPEED_PROTOCOL_KEYS),
                           ("speed", SPEED_OPTION_KEYS)):
-        # Against the first result that has the section: the baseline may have been evaluated
-        # without tasks or a benchmark, and the rows that have them still share one table.
-        ref = next((r["protocol"][section] for r in [base, *results]
-                    if r["protocol"].get(section)), None)
+        ref = shared_protocol([base, *results], section)
         for r in results:
             other = r["protocol"].get(section)
             if ref and other and _compared(ref, keys) != _compared(other, keys):
