@@ -274,3 +274,20 @@ def test_a_compiled_step_is_not_compiled_again_by_the_bench_s_timed_calls(lively
     logits = engine.prefill(ids)
     engine.decode(logits, engine.next_positions(8), 4, stop_on_eos=False)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_top_k_one_below_the_vocabulary_still_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(4000, 1)
+    drawn = select_tokens(logits, Sampling(temperature=1.0, top_k=4), torch.Generator().manual_seed(0))
+    assert 4 not in set(drawn.tolist())
+
+
+def test_an_early_stop_keeps_the_eos_token(lively):
+    ids = random_tokens(1, 12, 256, "cpu", seed=3)
+    engine = Engine(lively)
+    engine.allocate(1, 60)
+    free = engine.generate(ids, 20).tokens[0].tolist()
+    eos = free[3]
+    out = engine.generate(ids, 20, eos_token_id=eos)
+    stop = free.index(eos)
+    assert out.tokens[0].tolist() == free[:stop + 1] and int(out.lengths[0]) == stop + 1

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from compress.cli import main
-from test_report import _write, result
+from test_report import SPEED_PROTOCOL, _write, result
 
 
 def test_gate_fails_with_exit_1_and_one_line_per_broken_threshold(tmp_path, capsys):
@@ -90,3 +90,48 @@ def test_bad_gate_input_writes_no_report(tmp_path, capsys, flags, out):
     assert main(["report", no_baseline["a"], no_baseline["b"], "--out", str(tmp_path / out),
                  "--max-ppl-increase", "1"]) == 2
     assert not (tmp_path / out).exists()
+
+
+def test_gate_top1_agreement_fails_below_and_passes_above(tmp_path, capsys):
+    paths = _write(tmp_path, old=result(kl=0.0), new=result("int4", kl=0.05))   # top-1 0.95
+    argv = ["report", "--baseline", paths["old"], paths["new"]]
+    assert main(argv + ["--min-top1-agreement", "0.99"]) == 1
+    assert "top-1 agreement 0.9500 < required 0.99" in capsys.readouterr().out
+    assert main(argv + ["--min-top1-agreement", "0.9"]) == 0
+
+
+@pytest.mark.parametrize("broken,flags", [
+    (result("int4", kl=math.nan), ["--max-kl", "1"]),
+    (result("int4", kl=math.nan), ["--min-top1-agreement", "0"]),
+    (result("int4", ms=math.nan), ["--min-prefill-speedup", "0.1"]),
+])
+def test_each_nan_figure_alone_fails_the_gate(tmp_path, capsys, broken, flags):
+    paths = _write(tmp_path, old=result(ppl=10.0, ms=10, kl=0.0), new=broken)
+    assert main(["report", "--baseline", paths["old"], paths["new"], *flags]) == 1
+    assert "GATE FAILED int4" in capsys.readouterr().out
+
+
+def test_a_result_exactly_at_every_threshold_passes(tmp_path, capsys):
+    paths = _write(tmp_path, old=result(ppl=10.0, ms=10, kl=0.0),
+                   new=result("rerun", ppl=10.0, ms=10, kl=0.0))
+    assert main(["report", "--baseline", paths["old"], paths["new"], "--max-ppl-increase", "0%",
+                 "--min-decode-speedup", "1", "--min-prefill-speedup", "1", "--max-kl", "0",
+                 "--min-top1-agreement", "1"]) == 0
+
+
+def test_prefill_gate_reads_the_first_shape(tmp_path, capsys):
+    old, new = result(ms=10), result("int4", ms=5)   # 2x faster at 1x2048
+    for doc, second in ((old, 1000.0), (new, 1000.0)):   # the same at a second shape
+        doc["metrics"]["speed"]["prefill"].append({"batch": 8, "tokens": 512,
+                                                   "tokens_per_s": second, "ttft_ms": 1.0})
+        doc["protocol"]["speed"] = dict(SPEED_PROTOCOL, prefill=[[1, 2048], [8, 512]])
+    paths = _write(tmp_path, old=old, new=new)
+    assert main(["report", "--baseline", paths["old"], paths["new"],
+                 "--min-prefill-speedup", "1.5"]) == 0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_percentage_is_bad_input(tmp_path, capsys, value):
+    paths = _write(tmp_path, old=result(), new=result("x"))
+    assert main(["report", "--baseline", paths["old"], paths["new"],
+                 "--max-ppl-increase", value]) == 2

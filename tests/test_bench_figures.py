@@ -1,0 +1,49 @@
+"""The timing statistics, the device ceilings and the figures `compress bench` derives from the
+median time: each recomputed from the row's own timing."""
+import json
+
+import pytest
+import torch
+
+from compress.cli import main
+from compress.evaluate import timing
+from compress.sources import load_random
+
+
+def test_time_it_reports_the_median(monkeypatch):
+    samples = iter([3.0, 1.0, 2.0, 10.0, 4.0])
+    monkeypatch.setattr(timing, "_one", lambda fn, device: next(samples))
+    out = timing.time_it(lambda: None, "cpu", warmup=0, repeats=5)
+    assert out["median_s"] == 3.0 and out["min_s"] == 1.0 and out["max_s"] == 10.0
+
+
+def test_ceilings_count_read_plus_write_and_2n3_flops(monkeypatch):
+    monkeypatch.setattr(timing, "time_it", lambda *a, **k: {"median_s": 1.0})
+    assert timing.copy_bandwidth("cpu", 1 << 20)["bytes_per_s"] == 2 * (1 << 20)
+    assert timing.matmul_rate("cpu", 8, torch.float32)["flop_per_s"] == 2 * 8 ** 3
+
+
+def test_bench_figures_follow_from_the_median_time(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "random:tiny", "--batch", "2", "--prompt", "8", "--new", "4",
+                 "--prefill", "2x16", "--warmup", "0", "--repeats", "1", "--peers", "none",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    (row,) = report["rows"]
+    (prefill,), (decode,) = row["prefill"], row["decode"]
+    s = prefill["timing"]["median_s"]
+    model = load_random("tiny").model
+    cfg = model.config
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    flops = (2 * linear * 2 * 16
+             + 2 * 2 * 16 * 16 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+             + 2 * 2 * cfg.hidden_size * cfg.vocab_size)          # causal half; lm_head: last rows
+    assert prefill["tokens_per_s"] == pytest.approx(2 * 16 / s)
+    assert prefill["flop_per_s"] == pytest.approx(flops / s)
+    assert prefill["pct_of_matmul"] == pytest.approx(
+        100 * flops / s / report["ceilings"]["matmul"]["flop_per_s"])
+    d = decode["timing"]["median_s"]
+    assert decode["ms_per_token"] == pytest.approx(d / 4 * 1e3)   # `new` forward steps timed
+    assert decode["tokens_per_s"] == pytest.approx(2 * 4 / d)
+    assert decode["achieved_bytes_per_s"] == pytest.approx(decode["bytes_per_step"] / (d / 4))
