@@ -58,10 +58,10 @@ class CalibrationSettings:
 
     def check(self) -> None:
         """Also called after CLI flags have overridden a recipe's values."""
-        for field in ("samples", "seq_len", "batch_size"):
-            value = getattr(self, field)
+        for name in ("samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"calibration {field} must be a positive integer, got {value!r}")
+                raise UserError(f"calibration {name} must be a positive integer, got {value!r}")
         if self.dtype is not None and self.dtype not in CALIBRATION_DTYPES:
             raise UserError(f"calibration dtype must be one of {', '.join(CALIBRATION_DTYPES)} "
                             f"(or unset: the weights' own), got {self.dtype!r}")
@@ -83,12 +83,12 @@ class EvaluationSettings:
 
     def check(self) -> None:
         """Also called after CLI flags have overridden a recipe's values."""
-        for field, least in (("windows", 1), ("seq_len", 2), ("batch_size", 1)):
-            value = getattr(self, field)
-            if value is None and field != "batch_size":
+        for name, least in (("windows", 1), ("seq_len", 2), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is None and name != "batch_size":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise UserError(f"evaluation {field} must be an integer >= {least}, "
+                raise UserError(f"evaluation {name} must be an integer >= {least}, "
                                 f"got {value!r}")
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import stat
 
 import pytest
 
@@ -83,3 +84,17 @@ def test_a_gguf_model_loaded_with_packed_linears_is_refused(tiny):
     layer.down_proj = GgufLinear(layer.down_proj.in_features, layer.down_proj.out_features)
     with pytest.raises(UserError, match=r"packed layers \(GgufLinear\)"):
         check_plain_linears(tiny.model, "GGUF file m.gguf")
+
+
+def test_a_checkpoint_has_the_umasks_usual_modes(tiny, tmp_path):
+    """mkdtemp makes a private (0700) folder: the saved checkpoint must not stay so.
+    Catches: _default_permissions skipped."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "ck"
+        save_checkpoint(tiny.model, tiny.tokenizer, str(out), None, {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for child in out.iterdir():
+        assert stat.S_IMODE(child.stat().st_mode) == (0o755 if child.is_dir() else 0o644), child

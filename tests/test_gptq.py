@@ -15,7 +15,7 @@ from compress.formats.int4 import Int4Linear
 from compress.formats.int8 import Int8Linear
 from compress.pipeline import Session, compress_model
 from compress.prune.masks import is_nm, magnitude_scores, nm_mask
-from compress.quant.gptq import GPTQConfig, gptq, gptq_quantize, quantize_group
+from compress.quant.gptq import GPTQConfig, gptq, gptq_quantize
 from compress.quant.stats import InputStats, gram
 from compress.recipe import apply_recipe, recipe_from_dict
 from compress.sources import load_model

@@ -13,6 +13,7 @@ from compress.calibration import CalibrationData
 from compress.errors import UserError
 from compress.passes import build_config, pass_table
 from compress.prune import masks
+from compress.prune.common import input_groups
 from compress.prune.sparsegpt import accumulate_hessian, reconstruction_error
 
 
@@ -168,3 +169,51 @@ def test_options_other_settings_leave_unused_are_refused(name, fields, unused):
     with pytest.raises(UserError, match=f"{unused} .* has no effect"):
         build_config(pass_table()[name], fields)
     build_config(pass_table()[name], {k: v for k, v in fields.items() if k != unused})
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_owl_per_layer_targets_are_what_each_layer_reaches(tiny_model, tokens, method):
+    """Catches: magnitude / sparsegpt pruning every layer at config.sparsity instead of its OWL
+    target (the report's target_per_layer would then differ from what the weights have)."""
+    a = adapter_for(tiny_model)
+    a.layers(tiny_model)[1].get_submodule(f"{a.mlp}.{a.gate}").weight.data[:, 3] *= 40
+    model = _prune(tiny_model, method, tokens, sparsity=0.5, profile="owl", owl_lambda=0.05)
+    report = model.compress_report["sparsity"]
+    targets = report["target_per_layer"]
+    assert abs(targets[0] - targets[1]) > 0.01
+    for layer, target in zip(("0", "1"), targets):
+        assert report["per_layer"][layer] == pytest.approx(target, abs=1e-3)
+
+
+def test_owl_threshold_decides_the_outlier_ratios(tiny_model):
+    """Catches: the measured outlier ratio ignoring owl_threshold (always the default 5)."""
+    a = adapter_for(tiny_model)
+    layers = a.layers(tiny_model)
+    threshold = 2.5
+    ratios = [masks.outlier_ratio([masks.magnitude_scores(layer.get_submodule(n).weight)
+                                   for g in input_groups(a) for n in g], threshold)
+              for layer in layers]
+    default = [masks.outlier_ratio([masks.magnitude_scores(layer.get_submodule(n).weight)
+                                    for g in input_groups(a) for n in g], 5.0) for layer in layers]
+    expected = masks.owl_profile(ratios, 0.5, 0.05)
+    assert expected != masks.owl_profile(default, 0.5, 0.05)   # the threshold matters here
+    model = _prune(tiny_model, "magnitude", None, sparsity=0.5, profile="owl", owl_lambda=0.05,
+                   owl_threshold=threshold)
+    assert model.compress_report["sparsity"]["target_per_layer"] == pytest.approx(expected,
+                                                                                 abs=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["layer", "row-mass"])
+def test_wanda_scope_is_the_mask_scope(tiny, tokens, scope):
+    """Catches: wanda always comparing within rows whatever `scope` says."""
+    dense = tiny.model
+    a = adapter_for(dense)
+    q = f"{a.attention}.{a.q}"
+    x0 = _inputs_of(dense, q, 0, tokens)
+    w0 = a.layers(dense)[0].get_submodule(q).weight.detach().clone()
+    model = _prune(dense, "wanda", tokens, sparsity=0.5, scope=scope)
+    scores = masks.wanda_scores(w0, x0.pow(2).sum(0))
+    expected = masks.unstructured_mask(scores, 0.5, scope)
+    got = a.layers(model)[0].get_submodule(q).weight != 0
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, masks.unstructured_mask(scores, 0.5, "row"))
