@@ -144,6 +144,10 @@ class Engine:
                 self.cache.reset()
                 return
             length.zero_()
+            if hasattr(layer, "cumulative_length_int"):
+                # Sliding-window layers keep a second, Python-int counter that picks their
+                # update path and mask sizes: left alone, every later prompt sees a full cache.
+                layer.cumulative_length_int = 0
 
     # -- phases ------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -165,3 +165,21 @@ def test_a_checkpoint_naming_a_module_its_model_lacks_is_one_line(tmp_path, caps
     assert main(["eval", str(ck), *EVAL]) == 2
     err = capsys.readouterr().err.strip()
     assert f"checkpoint {ck} is incomplete or corrupt" in err and "\n" not in err
+
+
+def test_an_unsupported_architecture_is_refused_before_any_evaluation(tmp_path, capsys):
+    """Phi3 packs q/k/v into one linear, which no adapter knows: `eval` must say so at load,
+    like quantize and prune, not after computing a whole perplexity."""
+    import transformers
+
+    from compress.sources import byte_tokenizer
+
+    config = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2,
+                                     vocab_size=320, max_position_embeddings=256,
+                                     pad_token_id=257)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi3")
+    byte_tokenizer().save_pretrained(tmp_path / "phi3")
+    assert main(["eval", str(tmp_path / "phi3"), "--corpus", "random", *EVAL]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported architecture 'phi3'" in err and "perplexity" not in err

@@ -291,3 +291,31 @@ def test_an_early_stop_keeps_the_eos_token(lively):
     out = engine.generate(ids, 20, eos_token_id=eos)
     stop = free.index(eos)
     assert out.tokens[0].tolist() == free[:stop + 1] and int(out.lengths[0]) == stop + 1
+
+
+def test_a_second_prompt_on_a_sliding_window_model_is_not_served_a_full_cache():
+    """Mistral configs carry sliding_window (4096 by default), so the static cache has
+    StaticSlidingWindowLayer, with a Python-int fill counter beside the tensor one: reset()
+    must rewind both, or every prefill after the first (the bench's repeats) attends to a cache
+    it believes full and gives other logits."""
+    import transformers
+
+    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        vocab_size=320, max_position_embeddings=512,
+                                        sliding_window=16)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    engine = Engine(model)
+    for length in (8, 24):  # inside the window, and past it
+        ids = random_tokens(1, length, 320, "cpu", seed=length)
+        with torch.no_grad():
+            want = model(ids).logits[:, -1]
+        engine.allocate(1, 40)
+        for _ in range(3):
+            torch.testing.assert_close(engine.prefill(ids), want, rtol=1e-4, atol=1e-4)
+        first = engine.generate(ids, 8).tokens
+        assert torch.equal(engine.generate(ids, 8).tokens, first)
