@@ -12,7 +12,7 @@ from compress.formats import grid
 from compress.formats.int4 import Int4Linear
 from compress.pipeline import Session, compress_model
 from compress.quant.awq import (AWQConfig, clip_ratios, foldable_heads, output_error,
-                                scale_layer, search_scales, tie_heads)
+                                quantize_layer, scale_layer, search_scales, tie_heads)
 from compress.quant.stats import InputStats
 from compress.recipe import recipe_from_dict
 from compress.sources import load_model
@@ -197,3 +197,49 @@ def test_clip_search_tries_every_ratio_above_one_minus_max_shrink(monkeypatch, m
     monkeypatch.setattr(awq_module.grid, "compute_qparams", spy)
     awq_module.clip_ratios(torch.randn(8, 64), torch.eye(64), 4, 32, True, max_shrink, n_grid)
     assert min(tried) == pytest.approx(lowest)
+
+
+def test_mean_abs_is_the_mean_of_abs_over_every_token():
+    a, b = torch.randn(3, 5, 16), torch.randn(7, 16) * 4
+    stats = InputStats(track_abs=True)
+    stats.add(a)
+    stats.add(b)
+    expected = torch.cat([a.reshape(-1, 16), b]).abs().mean(0)
+    torch.testing.assert_close(stats.mean_abs(), expected)
+
+
+def test_awq_clip_is_applied_except_to_q_and_k(tiny_model, tokens):
+    """quantize_layer: v/o/gate/up/down take the searched clip ratios (some grid narrower than
+    min/max), q and k keep plain min/max grids."""
+
+    layer = tiny_model.model.layers[0]
+    adapter = adapter_for(tiny_model)
+    names = adapter.linear_names()
+    weights = {n: layer.get_submodule(n).weight.data.clone() for n in names}
+    grams = {}
+    for n in names:
+        torch.manual_seed(len(n))
+        x = torch.randn(512, weights[n].shape[1])
+        x[:, :3] *= 20
+        grams[n] = x.T @ x
+    quantize_layer(layer, adapter, grams, AWQConfig(bits=4, group_size=32))
+    for n in names:
+        plain, _ = grid.compute_qparams(weights[n], 4, True, 32)
+        stored = layer.get_submodule(n).scales.float()
+        if n.endswith(("q_proj", "k_proj")):
+            assert torch.equal(stored, plain), n
+        else:
+            assert (stored < plain * 0.999).any(), n
+
+
+def test_awq_scale_search_rounds_against_the_stored_bfloat16_scale():
+    """Candidate alpha = 0 (s = 1) is the RTN the bfloat16 layer will store: scales in bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 128, generator=g)
+    x[:, [3, 40]] *= 30
+    w = (torch.randn(64, 128, generator=g) * 0.02).to(torch.bfloat16)
+    gram = x.T @ x
+    stored = grid.fake_quantize(w.float(), 4, True, 32, storage_dtype=torch.bfloat16)
+    rtn = float(output_error(w.float() - stored, gram))
+    _, _, errors = search_scales(w, gram, x.abs().mean(0), 4, 32, True, 4)
+    assert errors[0] == pytest.approx(rtn, rel=1e-4)

@@ -12,6 +12,7 @@ from compress.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from compress.errors import UserError  # noqa: E402
 from compress.formats.bnb import BnbInt8Linear, BnbNF4Linear, llm_int8_reference  # noqa: E402
 from compress.passes import build_config, pass_table  # noqa: E402
+from compress.recipe import apply_recipe, recipe_from_dict  # noqa: E402
 
 
 def _linear(in_features=256, out_features=128):
@@ -152,3 +153,17 @@ def test_llm_int8_reference_of_a_zero_token_is_the_bias_not_nan():
     out = layer.reference_forward(x)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0].float(), linear.bias.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_bnb_int8_threshold_reaches_the_layers(tiny_model):
+    model = apply_recipe(tiny_model, recipe_from_dict(
+        {"passes": [{"pass": "bnb-int8", "threshold": 0.0}]}, "t"))
+    layers = [m for m in model.modules() if isinstance(m, BnbInt8Linear)]
+    assert layers and all(m.threshold == 0.0 for m in layers)
+
+
+def test_bnb_4bit_blocksize_reaches_the_layers(tiny_model):
+    model = apply_recipe(tiny_model, recipe_from_dict(
+        {"passes": [{"pass": "bnb-nf4", "blocksize": 128}]}, "t"))
+    layers = [m for m in model.modules() if isinstance(m, BnbNF4Linear)]
+    assert layers and all(m.group_size == 128 for m in layers)

@@ -8,6 +8,7 @@ from compress.formats.compiled import FUSED_GEMV
 from compress.formats.int4 import Int4Linear
 from compress.formats.int8 import Int8Linear
 from compress.quant.rtn import quantized_linear
+from compress.recipe import apply_recipe, recipe_from_dict
 
 
 def _linear(out_features=96, in_features=128, bias=False):
@@ -199,3 +200,13 @@ def test_a_biased_layer_answers_in_the_autocast_dtype(bits, dtype):
     assert (q.kernel != "reference") == (bits == 4)
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_rtn_and_lm_head_asymmetric_give_asymmetric_layers(tiny_model):
+    recipe = recipe_from_dict({"passes": [
+        {"pass": "rtn", "bits": 4, "group_size": 32, "symmetric": False},
+        {"pass": "lm-head", "bits": 4, "group_size": 32, "symmetric": False}]}, "t")
+    model = apply_recipe(tiny_model, recipe)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 15
+    assert all(not m.symmetric and m.zeros is not None for m in layers)

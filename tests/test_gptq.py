@@ -1,11 +1,13 @@
 """GPTQ: lower layer error than RTN, a valid Int4/Int8 layout, dead columns, kept zeros, the
 layer-by-layer driver, and the pass end to end through the CLI with an exact reload."""
 import copy
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import compress.quant.gptq as gptq_module
 from compress.calibration import CalibrationData, run_layerwise
 from compress.cli import main
 from compress.data import eval_windows
@@ -212,8 +214,6 @@ def test_gptq_pass_beats_rtn_on_the_tiny_model(true_sequential):
 def test_batched_true_sequential_equals_the_one_forward_path(tiny_model, tokens, monkeypatch):
     """Large calibration sets calibrate each group in its own batched forward; the Hessians are
     the same sums in another order, so the quantized layers match up to float rounding."""
-    import compress.quant.gptq as gptq_module
-
     config = GPTQConfig(bits=4, group_size=32, symmetric=True)
     one = gptq_module.gptq(copy.deepcopy(tiny_model), config, CalibrationData(tokens, batch_size=1))
     monkeypatch.setattr(gptq_module, "ONE_FORWARD_MAX_TOKENS", 0)
@@ -295,3 +295,39 @@ def test_gptq_rounds_against_the_scales_a_bfloat16_layer_stores(options):
     w_hat = grid.dequantize(codes, scale, zero, 32)
     assert output_error(x, w, w_hat) < output_error(
         x, w, grid.fake_quantize(w, 4, False, 32, storage_dtype=torch.bfloat16).float())
+
+
+def _gptq_problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 128, generator=g) \
+        + 0.3 * torch.randn(2048, 128, generator=g)
+    x[:, :4] *= 8.0
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)) * 0.02
+    return x, w
+
+
+@pytest.mark.parametrize("group_size,block_size", [(64, 16), (128, 32)])
+def test_gptq_blocks_smaller_than_a_group_change_nothing_but_rounding(group_size, block_size):
+    """A group's qparams must see every column of the group, even when block_size < group_size
+    (the default block of 128 with --group-size 256)."""
+    x, w = _gptq_problem()
+    h = InputStats.from_input(x).hessian()
+    small = gptq_quantize(w, h, 4, group_size, True, block_size=block_size)
+    whole = gptq_quantize(w, h, 4, group_size, True, block_size=128)
+    assert (small[0] != whole[0]).float().mean() < 0.01
+    torch.testing.assert_close(small[1], whole[1], rtol=1e-3, atol=0)
+
+
+def test_gptq_pass_rounds_against_the_stored_scale_of_a_bfloat16_model(tiny_model, tokens,
+                                                                        monkeypatch):
+    seen, original = [], gptq_module.gptq_quantize
+
+    def spy(*args, **kwargs):
+        seen.append(inspect.signature(original).bind(*args, **kwargs).arguments
+                    .get("storage_dtype"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "gptq_quantize", spy)
+    gptq_module.gptq(tiny_model.to(torch.bfloat16), gptq_module.GPTQConfig(bits=4, group_size=32),
+                     CalibrationData(tokens[:2], batch_size=2))
+    assert seen and set(seen) == {torch.bfloat16}

@@ -118,3 +118,24 @@ def test_a_float16_layer_of_small_weights_keeps_its_own_scale(bits, group_size):
     err32 = (quantized_linear(linear.float(), bits, group_size, True).dequantize(torch.float64)
              - w).norm()
     assert err16 < 1.1 * err32
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_scale_spans_the_range_in_maxq_steps(bits):
+    """Asymmetric: scale = (max(w, 0) - min(w, 0)) / (2**bits - 1), the whole code range used."""
+    w = torch.randn(8, 64)
+    scale, zero = grid.compute_qparams(w, bits, False, 32)
+    g = w.reshape(8, 2, 32)
+    expected = (g.amax(-1).clamp(min=0) - g.amin(-1).clamp(max=0)) / (2 ** bits - 1)
+    torch.testing.assert_close(scale, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(zero, torch.round(-g.amin(-1).clamp(max=0) / expected))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.85])
+def test_asymmetric_clip_ratio_shrinks_both_ends_of_the_range(ratio):
+    """AWQ's clip ratio on an asymmetric grid: the grid of the weights scaled by the ratio."""
+    w = torch.randn(8, 64)
+    clipped = grid.compute_qparams(w, 4, False, 32, clip_ratio=ratio)
+    shrunk = grid.compute_qparams(w * ratio, 4, False, 32)
+    torch.testing.assert_close(clipped[0], shrunk[0], rtol=1e-6, atol=0)
+    assert torch.equal(clipped[1], shrunk[1])

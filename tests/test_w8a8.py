@@ -190,3 +190,38 @@ def test_activation_absmax_is_over_every_batch():
     first[0, 3] = 50.0
     running = update_channel_absmax(update_channel_absmax(None, first), second)
     assert torch.equal(running, torch.cat([first, second]).abs().amax(0))
+
+
+def _first_layer_q_input_absmax(model, tokens):
+    seen = []
+    h = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).abs().amax(0)))
+    with torch.no_grad():
+        for batch in tokens.split(2):
+            model(batch)
+    h.remove()
+    return torch.stack(seen).amax(0)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.8])
+def test_smoothquant_alpha_sets_the_first_layer_scales(tiny_model, tokens, alpha):
+    """Layer 0 reads the embeddings, the same in the float and the smoothed model: its input norm
+    must be divided by exactly s = max|X|^alpha / max|W|^(1 - alpha) for the alpha asked."""
+    act = _first_layer_q_input_absmax(tiny_model, tokens)
+    attn = tiny_model.model.layers[0].self_attn
+    wmax = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).abs().amax(0)
+    norm = tiny_model.model.layers[0].input_layernorm.weight.detach().clone()
+    model = smoothquant(copy.deepcopy(tiny_model), SmoothQuantConfig(alpha=alpha),
+                        CalibrationData(tokens, batch_size=2))
+    expected = norm / smoothing_scales(act, wmax.detach(), alpha)
+    torch.testing.assert_close(model.model.layers[0].input_layernorm.weight.detach(), expected,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_smoothquant_smooth_down_false_leaves_down_proj_unscaled(tiny_model, tokens):
+    downs = [W8A8Linear.from_float(layer.mlp.down_proj) for layer in tiny_model.model.layers]
+    model = smoothquant(copy.deepcopy(tiny_model), SmoothQuantConfig(smooth_down=False),
+                        CalibrationData(tokens, batch_size=2))
+    for expected, layer in zip(downs, model.model.layers):
+        assert torch.equal(layer.mlp.down_proj.qweight, expected.qweight)
+        assert torch.equal(layer.mlp.down_proj.scales, expected.scales)
