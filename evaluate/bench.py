@@ -254,8 +254,11 @@ def decode_bytes_per_step(weights: dict, engine: Engine, mean_context: float) ->
     (the least an attention kernel reads; a static-cache SDPA may read the whole cache)."""
     tied = weights["lm_head"] == 0
     weight_read = weights["total"] - (0 if tied else weights["embedding"])
-    kv_full = engine.kv_cache_bytes()
-    return weight_read + kv_full * mean_context / engine.max_len
+    # A sliding-window layer's cache holds its window: a step reads min(context, window) of it.
+    kv_read = sum((layer.keys.nbytes + layer.values.nbytes)
+                  * min(mean_context, layer.max_cache_len) / layer.max_cache_len
+                  for layer in engine.cache.layers)
+    return weight_read + kv_read
 
 
 def unread_bytes(model: nn.Module, rows: int) -> int:

@@ -115,6 +115,7 @@ class Engine:
             return
         self.cache = None  # free the old cache before allocating the new one
         cache = StaticCache(config=self.config, max_cache_len=max_len)
+        _unslide_short_windows(cache, max_len)
         head_dim = getattr(self.config, "head_dim", None) or \
             self.config.hidden_size // self.config.num_attention_heads
         # Allocate now, not lazily inside the first (timed or compiled) forward.
@@ -238,6 +239,14 @@ class Engine:
         # `tune` the process's setting stays (torchao's quantize_ turns tuning on for its rows).
         with inductor_config.patch(coordinate_descent_tuning=True) if tune else nullcontext():
             self.generate(ids, max_new_tokens=steps, stop_on_eos=False)
+            # A sliding-window layer that fills up inside this cache takes another update path
+            # from then on: capture a step of that too, or it compiles inside the timed loop.
+            for window in sorted({layer.max_cache_len for layer in self.cache.layers
+                                  if getattr(layer, "is_sliding", False)
+                                  and prompt_len < layer.max_cache_len < self.max_len}):
+                filled = random_tokens(self.batch, window, self.config.vocab_size, self.device,
+                                       seed=1)
+                self.generate(filled, max_new_tokens=2, stop_on_eos=False)
         synchronize(self.device)
         self.compile_seconds = time.perf_counter() - started
         # Then one eager run, whose last forward is a decode step: the layers' kernel labels
@@ -310,6 +319,18 @@ class Engine:
             logits = self.decode_step(token, positions)
             positions += 1
         return Generation(out[:, :done], _lengths(out[:, :done], eos_token_id))
+
+
+def _unslide_short_windows(cache, max_len: int) -> None:
+    """Sliding-window layers whose window holds the whole cache never slide: give them a plain
+    static layer. Theirs keeps a Python-int fill counter that a compiled step takes as an input,
+    and CUDA graphs record one graph per value of it, one per decode position (Mistral-7B-v0.1's
+    window is 4096). The model still applies its window in the mask."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is StaticSlidingWindowLayer and layer.max_cache_len >= max_len:
+            cache.layers[index] = StaticLayer(max_cache_len=max_len)
 
 
 def _lengths(tokens: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:

@@ -3,6 +3,7 @@ counts, and the command writes every field the GPU run will fill."""
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -334,13 +335,27 @@ def test_bench_reports_the_bytes_a_decode_step_reads(tiny_bench):
 
 @pytest.mark.parametrize("lm_head,expected", [(0, 1000 + 50), (300, 700 + 50)])
 def test_untied_embedding_table_is_not_read_by_a_decode_step(lm_head, expected):
-    from types import SimpleNamespace
-
     from compress.evaluate.bench import decode_bytes_per_step
 
-    engine = SimpleNamespace(kv_cache_bytes=lambda: 200, max_len=8)
+    engine = SimpleNamespace(cache=SimpleNamespace(layers=[_kv_layer(200, 8)]), max_len=8)
     weights = {"total": 1000, "embedding": 300, "lm_head": lm_head}
     assert decode_bytes_per_step(weights, engine, 2) == expected
+
+
+def _kv_layer(nbytes, slots):
+    half = SimpleNamespace(nbytes=nbytes // 2)
+    return SimpleNamespace(keys=half, values=half, max_cache_len=slots)
+
+
+def test_a_sliding_window_layer_reads_at_most_its_window_per_step():
+    """A full layer of 8 slots reads 4 / 8 of its K/V at a mean context of 4; a sliding layer's
+    cache holds its 2-token window, all of which a step reads."""
+    from compress.evaluate.bench import decode_bytes_per_step
+
+    engine = SimpleNamespace(cache=SimpleNamespace(layers=[_kv_layer(200, 8), _kv_layer(200, 2)]),
+                             max_len=8)
+    weights = {"total": 1000, "embedding": 300, "lm_head": 0}
+    assert decode_bytes_per_step(weights, engine, 4) == 1000 + 100 + 200
 
 
 def test_our_model_is_freed_before_the_quantized_peers_load_theirs(monkeypatch):

@@ -5,8 +5,10 @@ import json
 import os
 
 import pytest
+import transformers
 
 from compress.cli import main
+from compress.sources import byte_tokenizer
 
 EVAL = ["--windows", "2", "--seq-len", "64"]
 REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reports", "smollm2-135m-rtn")
@@ -167,19 +169,29 @@ def test_a_checkpoint_naming_a_module_its_model_lacks_is_one_line(tmp_path, caps
     assert f"checkpoint {ck} is incomplete or corrupt" in err and "\n" not in err
 
 
-def test_an_unsupported_architecture_is_refused_before_any_evaluation(tmp_path, capsys):
-    """Phi3 packs q/k/v into one linear, which no adapter knows: `eval` must say so at load,
-    like quantize and prune, not after computing a whole perplexity."""
-    import transformers
-
-    from compress.sources import byte_tokenizer
-
+def _phi3(path):
+    """A tiny Phi3 (q/k/v packed in one linear, which no adapter knows) with a tokenizer."""
     config = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2,
                                      vocab_size=320, max_position_embeddings=256,
                                      pad_token_id=257)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi3")
-    byte_tokenizer().save_pretrained(tmp_path / "phi3")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+
+
+def test_an_unsupported_architecture_is_refused_before_any_evaluation(tmp_path, capsys):
+    """Phi3 packs q/k/v into one linear, which no adapter knows: `eval` must say so at load,
+    like quantize and prune, not after computing a whole perplexity."""
+    _phi3(tmp_path / "phi3")
     assert main(["eval", str(tmp_path / "phi3"), "--corpus", "random", *EVAL]) == 2
     err = capsys.readouterr().err
     assert "unsupported architecture 'phi3'" in err and "perplexity" not in err
+
+
+def test_bench_refuses_an_unsupported_architecture_before_measuring(tmp_path, capsys):
+    _phi3(tmp_path / "phi3")
+    assert main(["bench", str(tmp_path / "phi3"), "--batch", "1", "--prompt", "8", "--new", "2",
+                 "--prefill", "1x8", "--warmup", "0", "--repeats", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "unsupported architecture 'phi3'" in captured.err
+    assert "peer hf" not in captured.out and "ceilings" not in captured.out

@@ -1,6 +1,7 @@
 """The inference engine: same tokens as HF generate, static cache == no cache, EOS, sampling."""
 import pytest
 import torch
+import transformers
 
 from compress.errors import UserError
 from compress.evaluate.engine import Engine, Sampling, random_tokens, select_tokens
@@ -298,17 +299,7 @@ def test_a_second_prompt_on_a_sliding_window_model_is_not_served_a_full_cache():
     StaticSlidingWindowLayer, with a Python-int fill counter beside the tensor one: reset()
     must rewind both, or every prefill after the first (the bench's repeats) attends to a cache
     it believes full and gives other logits."""
-    import transformers
-
-    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                        vocab_size=320, max_position_embeddings=512,
-                                        sliding_window=16)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.2)
+    model = _mistral(16)
     engine = Engine(model)
     for length in (8, 24):  # inside the window, and past it
         ids = random_tokens(1, length, 320, "cpu", seed=length)
@@ -319,3 +310,58 @@ def test_a_second_prompt_on_a_sliding_window_model_is_not_served_a_full_cache():
             torch.testing.assert_close(engine.prefill(ids), want, rtol=1e-4, atol=1e-4)
         first = engine.generate(ids, 8).tokens
         assert torch.equal(engine.generate(ids, 8).tokens, first)
+
+
+def _mistral(window):
+    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        vocab_size=320, max_position_embeddings=512,
+                                        sliding_window=window)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    return model
+
+
+def test_a_window_longer_than_the_cache_leaves_no_python_int_in_the_compiled_step(monkeypatch):
+    """Mistral-7B-v0.1's window is 4096, longer than a bench's cache: its StaticSlidingWindowLayer
+    would hand the compiled step its Python-int fill counter as a SymInt input, and CUDA graphs
+    record one graph per value of an int input, one per decode position. A window that never
+    slides inside the cache is a plain static layer."""
+    model = _mistral(64)
+    real_compile, inputs = torch.compile, []
+
+    def record(gm, example_inputs):
+        inputs.append([type(x).__name__ for x in example_inputs if not isinstance(x, torch.Tensor)])
+        return gm.forward
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend=record, fullgraph=True))
+    ids = random_tokens(1, 20, 320, "cpu", seed=1)
+    engine = Engine(model)
+    engine.allocate(1, 40)
+    want = engine.generate(ids, 12, stop_on_eos=False).tokens
+    engine.compile_decode()
+    assert torch.equal(engine.generate(ids, 12, stop_on_eos=False).tokens, want)
+    assert inputs and all(not ints for ints in inputs), inputs
+
+
+def test_a_window_that_fills_inside_the_cache_is_compiled_within_compile_decode(monkeypatch):
+    """A sliding layer takes another update path once its window is full: compile_decode must
+    capture that step too, not leave it to the bench's first timed loop (outside compile_s)."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend="eager", fullgraph=True))
+    model = _mistral(16)
+    for prompt, new in ((24, 8), (12, 12)):  # past the window; crossing it mid-loop
+        engine = Engine(model)
+        engine.allocate(1, prompt + new)
+        engine.compile_decode()  # as the bench calls it
+        graphs = counters["stats"]["unique_graphs"]
+        ids = random_tokens(1, prompt, 320, "cpu", seed=prompt)
+        logits = engine.prefill(ids)
+        engine.decode(logits, engine.next_positions(prompt), new + 1, stop_on_eos=False)
+        assert counters["stats"]["unique_graphs"] == graphs
