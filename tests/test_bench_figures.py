@@ -1,6 +1,7 @@
 """The timing statistics, the device ceilings and the figures `compress bench` derives from the
 median time: each recomputed from the row's own timing."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -47,3 +48,14 @@ def test_bench_figures_follow_from_the_median_time(tmp_path):
     assert decode["ms_per_token"] == pytest.approx(d / 4 * 1e3)   # `new` forward steps timed
     assert decode["tokens_per_s"] == pytest.approx(2 * 4 / d)
     assert decode["achieved_bytes_per_s"] == pytest.approx(decode["bytes_per_step"] / (d / 4))
+
+
+def test_profile_calls_count_only_operations_with_time():
+    from compress.evaluate.profile import top_operations
+
+    def event(key, us, count):
+        return SimpleNamespace(key=key, device_type="DeviceType.CUDA", count=count,
+                               self_device_time_total=us, self_cpu_time_total=0.0)
+
+    profile = top_operations([event("gemm", 300.0, 2), event("idle_marker", 0.0, 50)], cuda=True)
+    assert profile["calls"] == 2 and [r["op"] for r in profile["top"]] == ["gemm"]

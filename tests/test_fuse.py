@@ -4,7 +4,9 @@ import copy
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from compress.evaluate.attention import use_gqa_decode_attention
 from compress.evaluate.bench import linear_kernels, prefill_flops
 from compress.evaluate.engine import Engine, random_tokens
 from compress.evaluate.fuse import FusedProjection, ProjectionSlice, fuse_projections
@@ -130,3 +132,48 @@ def test_fused_compiled_decode_on_cuda_matches_the_unfused_one(variant, first_co
     done = fuse_projections(model)
     torch.testing.assert_close(first_compiled_step(model, ids, 32), plain, rtol=2e-2, atol=2e-2)
     done.undo()
+
+
+def _distinct(bias: bool):
+    """A tiny GQA Llama (groups 2) whose every parameter has its own values, with biases on
+    q/k/v/o and the MLP (as Qwen2 has on q/k/v)."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         vocab_size=320, attention_bias=bias, mlp_bias=bias)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for i, param in enumerate(model.parameters()):
+            param.normal_(0, 0.15, generator=torch.Generator().manual_seed(i))
+    return model
+
+
+@pytest.mark.parametrize("variant", ["float", "int8"])
+def test_fusion_keeps_each_projection_its_own_weight_and_bias(variant):
+    model = _distinct(bias=True)
+    if variant == "int8":
+        model = apply_recipe(model, recipe_from_dict(
+            {"passes": [{"pass": "rtn", "bits": 8, "group_size": 0}]}, "int8"))
+    fused = copy.deepcopy(model)
+    done = fuse_projections(fused)
+    assert len(done.groups) == 4
+    ids = random_tokens(2, 12, 256, "cpu", seed=4)
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(fused(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        done.undo()
+        torch.testing.assert_close(fused(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_decode_reads_keys_as_keys_and_values_as_values():
+    model = _distinct(bias=False)
+    swapped = copy.deepcopy(model)
+    assert use_gqa_decode_attention(swapped) is not None
+    ids = random_tokens(2, 10, 256, "cpu", seed=8)
+    steps = []
+    for m in (model, swapped):
+        engine = Engine(m)
+        engine.allocate(2, 24)
+        first = engine.prefill(ids)
+        steps.append(engine.decode_step(first.argmax(-1), engine.next_positions(10)).clone())
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=1e-5)

@@ -95,3 +95,18 @@ def test_an_out_folder_is_refused_before_timing(tmp_path, capsys):
                  "--repeats", "1", "--linears", "q_proj", "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert not (tmp_path.parent / f"{tmp_path.name}.tmp").exists()
+
+
+def test_kernel_bench_records_microseconds_and_bf16_over_each_time(monkeypatch):
+    from compress.evaluate import kernel_bench
+
+    times = iter([2e-6] + [4e-6] * 100)  # bf16 F.linear is timed first, every other 2x slower
+    monkeypatch.setattr(kernel_bench, "seconds_per_call",
+                        lambda *args, **kwargs: (next(times), "test clock"))
+    (row,) = kernel_bench.bench_shape("gate_proj", 192, 64, [1], 32, "cpu", 1)
+    assert row["us"]["bf16 F.linear"] == pytest.approx(2.0)
+    assert row["us"]["int4"] == pytest.approx(4.0)
+    assert row["speedup"]["int4"] == pytest.approx(0.5)   # bf16 time / int4 time
+    assert "| 4.0 (0.50x) |" in kernel_bench.markdown(
+        {"environment": {}, "device": "cpu", "shape": "tiny", "repeats": 1, "group_size": 32,
+         "records": [row]})

@@ -137,3 +137,16 @@ def test_every_data_file_of_a_split_is_recorded(tmp_path):
     for task in ("listed", "globbed"):
         recorded = sorted(f["path"] for key, f in files.items() if key.startswith(task + ":"))
         assert recorded == ["part_a.jsonl", "part_b.jsonl"], files
+
+
+def test_the_right_choice_continues_the_context_in_the_pydoc_text():
+    from pydoc_data.topics import topics
+
+    words = " ".join("\n\n".join(topics[k] for k in sorted(topics)).split())
+    items = pydoc_mc_items()
+    for item in items:
+        right = item["choices"][item["label"]]
+        assert f" {item['context']}{right} " in f" {words} ", item
+        for wrong in item["choices"]:
+            if wrong != right:
+                assert f" {item['context']}{wrong} " not in f" {words} "

@@ -128,3 +128,20 @@ def test_hf_decode_slower_than_noise_has_no_figure_rather_than_a_clamped_one(mon
            "ceilings": {"device": "cpu", "copy": {"bytes_per_s": 1e9},
                         "matmul": {"dtype": "float32", "n": 8, "flop_per_s": 1e12}}}
     assert "| hf-eager | 1 | - | - |" in markdown(doc)
+
+
+def test_hf_peer_figures_follow_from_its_generate_times(monkeypatch):
+    from compress.evaluate import peers
+    from compress.evaluate.bench import BenchConfig
+    from compress.sources import load_random
+
+    # prefill 2x16: generate(1) 10 ms; decode at batch 2: generate(1) 20 ms, generate(5) 60 ms
+    times = iter([0.010, 0.020, 0.060])
+    monkeypatch.setattr(peers, "time_it", lambda *args: {"median_s": next(times)})
+    cfg = BenchConfig(batches=(2,), prompt=16, new=4, prefill=((2, 16),), warmup=0, repeats=1)
+    row = peers.bench_hf_generate(load_random("tiny").model.eval(), cfg, "cpu", {}, False)
+    (prefill,), (decode,) = row["prefill"], row["decode"]
+    assert prefill["ttft_ms"] == pytest.approx(10.0)
+    assert prefill["tokens_per_s"] == pytest.approx(2 * 16 / 0.010)
+    assert decode["ms_per_token"] == pytest.approx(40.0 / 4)       # (60 - 20) ms over 4 tokens
+    assert decode["tokens_per_s"] == pytest.approx(2 * 4 / 0.040)  # both sequences' tokens

@@ -6,12 +6,15 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from compress.errors import UserError
+from compress.evaluate.memory import parameter_count, weight_bytes
 from compress.prune import masks
-from compress.prune.semi_structured import (SemiStructuredLinear, check_2of4, is_2of4_model,
-                                            materialize_2of4, materialize_2of4_where_faster,
-                                            sparse_wins_from, to_semi_structured)
+from compress.prune.semi_structured import (DENSE_KERNEL, SPARSE_KERNEL, SemiStructuredLinear,
+                                            check_2of4, is_2of4_model, materialize_2of4,
+                                            materialize_2of4_where_faster, sparse_wins_from,
+                                            to_semi_structured)
 
 
 def _pruned_2of4(rows=128, cols=256, dtype=torch.float16, device="cpu"):
@@ -62,7 +65,6 @@ def test_where_faster_keeps_dense_sparse_or_both_per_shape_as_measured(tiny_mode
     makes sparse win: nowhere for q_proj's shape, from 256 rows for the MLP's, everywhere for
     k_proj's. Outputs are unchanged; storage follows the choice."""
     from compress.evaluate.bench import unread_bytes
-    from compress.evaluate.memory import parameter_count, weight_bytes
 
     model = _pruned_model(tiny_model, tokens)
     ids = torch.randint(1, 256, (1, 300))
@@ -246,3 +248,31 @@ def test_2of4_is_timed_as_each_phase_runs_replayed_only_for_compiled_decode(monk
     for rows in (1, 8, 2048):
         timer(torch.randn(4, 16), rows)
     assert graphs == [True, False, False]
+
+
+def test_a_semi_structured_linear_switches_at_min_rows_and_names_the_form_it_leaves():
+    linear = nn.Linear(16, 8)
+    stand_in = linear.weight.detach().clone()       # stands for the sparse form on the CPU
+    layer = SemiStructuredLinear(linear, stand_in, min_rows=4)
+    for rows, kernel, unread in ((3, DENSE_KERNEL, layer.sparse_weight),
+                                 (4, SPARSE_KERNEL, layer.weight),
+                                 (5, SPARSE_KERNEL, layer.weight)):
+        layer(torch.randn(rows, 16))
+        assert layer.kernel == kernel, rows
+        assert layer.unread_weight(rows) is unread, rows
+
+
+def test_one_dense_linear_makes_a_model_not_2of4(tiny_model):
+    with torch.no_grad():
+        for name, module in tiny_model.named_modules():
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}":
+                module.weight.view(-1, 4)[:, 2:] = 0          # 2:4 everywhere
+    assert is_2of4_model(tiny_model)
+    with torch.no_grad():
+        tiny_model.model.layers[1].mlp.down_proj.weight.fill_(1.0)
+    assert not is_2of4_model(tiny_model)
+
+
+def test_parameter_count_counts_a_tied_lm_head_once(tiny_model):
+    assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight
+    assert parameter_count(tiny_model) == sum(p.numel() for p in tiny_model.parameters())
