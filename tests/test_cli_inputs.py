@@ -49,6 +49,7 @@ def _files(root):
     (["eval", "random:tiny", "--out", "afile/r.json"], "afile is not a folder"),
     (["eval", "random:tiny", "--corpus", "latin.txt"],
      "'latin.txt' is not valid txt: 'utf-8' codec can't decode"),
+    (["eval", "random:tiny", "--corpus", ""], "--corpus is empty"),
     (["eval", "random:tiny", "--corpus", "bad.jsonl"], "'bad.jsonl' is not valid jsonl"),
     (["eval", "random:tiny", "--corpus", "num.jsonl"], "every 'text' value must be a string"),
     (["eval", "ck"], "checkpoint ck is incomplete or corrupt"),
