@@ -1,4 +1,5 @@
 """Save and reload compressed checkpoints exactly; the source model is never modified."""
+import json
 import os
 
 import pytest
@@ -94,3 +95,57 @@ def test_eval_refuses_a_checkpoint_that_lost_its_tokenizer_and_bench_times_it(tm
     # Timing reads token ids only: the bench still runs it.
     assert main(["bench", str(tmp_path / "ck"), "--batch", "1", "--prompt", "8", "--new", "2",
                  "--prefill", "1x16", "--warmup", "0", "--repeats", "1", "--peers", "none"]) == 0
+
+
+def test_a_bfloat16_checkpoint_records_and_reloads_in_bfloat16(tokens, tmp_path):
+    from compress.sources import load_model
+
+    tiny = load_model("random:tiny", dtype=torch.bfloat16)  # not .to(): that casts RoPE's inv_freq
+    model = rtn(tiny.model, RTNConfig(bits=4, group_size=32))
+    save_checkpoint(model, tiny.tokenizer, str(tmp_path / "ck"), {"name": "t"}, tiny.provenance)
+    meta = json.loads((tmp_path / "ck" / "compress.json").read_text())
+    assert meta["dtype"] == "bfloat16"
+    reloaded = load_checkpoint(str(tmp_path / "ck")).model
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, reloaded(tokens).logits)
+
+
+def test_compress_json_keeps_recipe_and_provenance(tiny, tmp_path, monkeypatch):
+    recipe = {"name": "t", "passes": [{"pass": "rtn", "bits": 4, "group_size": 32}]}
+    model = rtn(tiny.model, RTNConfig(bits=4, group_size=32))
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(model, tiny.tokenizer, "ck", recipe, tiny.provenance)
+    meta = json.loads((tmp_path / "ck" / "compress.json").read_text())
+    assert meta["recipe"] == recipe
+    assert meta["provenance"] == json.loads(json.dumps(tiny.provenance))
+    assert meta["modules"]["model.layers.0.mlp.down_proj"]["format"] == "int4"
+    loaded = load_checkpoint("ck")
+    assert loaded.provenance["recipe"] == recipe
+    assert loaded.provenance["checkpoint"] == str(tmp_path / "ck")
+
+
+def test_overwrite_leaves_no_old_copy_beside_the_output(tiny, tmp_path):
+    out = tmp_path / "ck"
+    save_checkpoint(tiny.model, tiny.tokenizer, str(out), None, {})
+    save_checkpoint(tiny.model, tiny.tokenizer, str(out), None, {}, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_a_biased_reshaped_linear_reloads_exactly(tokens, tmp_path):
+    from torch import nn
+
+    from compress.sources import load_random
+
+    tiny = load_random("tiny")
+    mlp = tiny.model.model.layers[0].mlp
+    width = mlp.down_proj.in_features // 2   # what channel pruning with per-layer widths leaves
+    torch.manual_seed(0)
+    mlp.gate_proj = nn.Linear(mlp.gate_proj.in_features, width, bias=True)
+    mlp.up_proj = nn.Linear(mlp.up_proj.in_features, width, bias=True)
+    mlp.down_proj = nn.Linear(width, mlp.down_proj.out_features, bias=True)
+    save_checkpoint(tiny.model, tiny.tokenizer, str(tmp_path / "ck"), None, {})
+    reloaded = load_checkpoint(str(tmp_path / "ck")).model
+    assert reloaded.model.layers[0].mlp.down_proj.bias is not None
+    with torch.no_grad():
+        assert torch.equal(tiny.model(tokens).logits, reloaded(tokens).logits)

@@ -5,8 +5,9 @@ import signal
 import stat
 
 import pytest
+from safetensors.torch import load_file, save_file
 
-from compress.checkpoint import save_checkpoint
+from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.cli import main
 from compress.errors import UserError
 from compress.quant.rtn import RTNConfig, rtn
@@ -98,3 +99,14 @@ def test_a_checkpoint_has_the_umasks_usual_modes(tiny, tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     for child in out.iterdir():
         assert stat.S_IMODE(child.stat().st_mode) == (0o755 if child.is_dir() else 0o644), child
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused(tiny, tmp_path):
+    model = rtn(tiny.model, RTNConfig(bits=4, group_size=32))
+    save_checkpoint(model, tiny.tokenizer, str(tmp_path / "ck"), None, {})
+    path = tmp_path / "ck" / "model.safetensors"
+    state = load_file(str(path))
+    del state["model.layers.1.mlp.down_proj.scales"]
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="missing"):
+        load_checkpoint(str(tmp_path / "ck"))
