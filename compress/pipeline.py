@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.adapters import adapter_for
 from compress.calibration import CalibrationData
 from compress.checkpoint import atomic_output_dir, write_checkpoint
 from compress.data import (TokenizedCorpus, calibration_samples, eval_windows, load_corpus,
@@ -38,9 +37,6 @@ class Session:
     def open(cls, source: str, corpus: str = "pydoc", device: str = "cpu",
              dtype: torch.dtype = torch.float32) -> "Session":
         loaded = load_model(source, dtype=dtype, device=device)
-        # Every use of a session ends in weight_bytes, which needs the adapter: an unsupported
-        # architecture is refused now, not after a whole evaluation.
-        adapter_for(loaded.model)
         if loaded.tokenizer is None:
             if loaded.provenance.get("loader") not in (None, "random"):
                 # Only a random model is tokenized by bytes; any other would be scored on token

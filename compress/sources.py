@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compress.adapters import adapter_for
 from compress.errors import UserError, first_line, user_error_on
 from compress.hub import hub_reachable
 from compress.shapes import SHAPES, llama_config
@@ -62,6 +63,9 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
                         f"allowed: {SOURCES_HELP}")
     else:
         loaded = _load_hf(source, dtype, local=False)
+    # Every command reads the model through its adapter: an unsupported architecture is refused
+    # here, before a perplexity or a benchmark runs, not after it.
+    adapter_for(loaded.model)
     loaded.model.to(device).eval()
     loaded.provenance.setdefault("source", source)
     return loaded

@@ -7,7 +7,6 @@ import gc
 
 import torch
 
-from compress.adapters import adapter_for
 from compress.evaluate.bench import (HF_PEERS, BenchConfig, bench_engine, measure_ceilings,
                                      sync_and_free)
 from compress.evaluate.peers import run_peer
@@ -24,7 +23,6 @@ def run_bench(source: str, cfg: BenchConfig, device: str, dtype: torch.dtype,
 
     loaded = load_model(source, dtype=dtype, device=device)
     model = loaded.model
-    adapter_for(model)  # an unsupported architecture is refused now, not after ceilings and peers
     progress(f"measuring ceilings on {device}")
     ceil = measure_ceilings(cfg, device, dtype)
     env = environment(device)

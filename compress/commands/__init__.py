@@ -43,9 +43,14 @@ def apply_eval_options(recipe, args) -> None:
         recipe.evaluation.batch_size = args.batch_size
     recipe.evaluation.check()
     if args.corpus is not None:
-        if not args.corpus.strip():
-            raise UserError("--corpus is empty; give a corpus name or file such as pydoc")
-        recipe.corpus = args.corpus
+        recipe.corpus = given_corpus(args)
+
+
+def given_corpus(args) -> str | None:
+    """--corpus as given (None: not given); an empty one is refused, not taken as the default."""
+    if args.corpus is not None and not args.corpus.strip():
+        raise UserError("--corpus is empty; give a corpus name or file such as pydoc")
+    return args.corpus
 
 
 def add_calibration_options(p) -> None:

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from compress.checkpoint import check_output_file
-from compress.commands import add_eval_options, add_model_options, resolve_dtype
+from compress.commands import add_eval_options, add_model_options, given_corpus, resolve_dtype
 from compress.commands.quantize import print_summary
-from compress.errors import UserError
 from compress.evaluate.results import write_json
 from compress.pipeline import Session, evaluate
 from compress.prune.common import saved_reports
@@ -28,9 +27,8 @@ def run(args) -> int:
         check_output_file(args.out, args.overwrite)
     settings = EvaluationSettings(windows=args.windows, seq_len=args.seq_len,
                                   batch_size=1 if args.batch_size is None else args.batch_size)
-    if args.corpus is not None and not args.corpus.strip():
-        raise UserError("--corpus is empty; give a corpus name or file such as pydoc")
-    session = Session.open(args.model, args.corpus or "pydoc", args.device, resolve_dtype(args))
+    session = Session.open(args.model, given_corpus(args) or "pydoc", args.device,
+                           resolve_dtype(args))
     recipe = session.loaded.provenance.get("recipe")
     # A pruned checkpoint's sparsity and structure, as recorded when it was written.
     results = evaluate(session, session.loaded.model, settings, recipe,
