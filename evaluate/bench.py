@@ -293,15 +293,35 @@ def linear_timer(device, replayed: set[int] = frozenset()):
 
 
 def prefill_flops(model: nn.Module, batch: int, length: int) -> float:
-    """2 x linear parameters x tokens, plus causal attention (QK^T and PV, half the square);
-    the lm_head runs on the last position only."""
+    """2 x linear parameters x tokens, plus causal attention (QK^T and PV over the query-key pairs
+    each layer attends: half the square, or the band of a sliding window); the lm_head runs on
+    the last position only."""
     config = model.config
     linear = sum(m.in_features * m.out_features for _, m in decoder_linears(model))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = 2 * 2 * batch * length * length / 2 * config.num_attention_heads * head_dim \
-        * config.num_hidden_layers
+    pairs = sum(attended_pairs(length, window) for window in attention_windows(config))
+    attention = 2 * 2 * batch * pairs * config.num_attention_heads * head_dim
     lm_head = 2 * batch * config.hidden_size * config.vocab_size
     return 2 * linear * batch * length + attention + lm_head
+
+
+def attention_windows(config) -> list[int | None]:
+    """Each layer's sliding window (None: full causal attention), as transformers reads them:
+    `layer_types` where the config has it (Qwen2 with use_sliding_window), else `sliding_window`
+    for every layer (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [window] * config.num_hidden_layers
+
+
+def attended_pairs(length: int, window: int | None) -> float:
+    """Query-key pairs of causal attention over `length` tokens, counted as half the square (as
+    the attention FLOPs conventionally are); with a window, each query past it sees `window`."""
+    if window is None or length <= window:
+        return length * length / 2
+    return window * window / 2 + (length - window) * window
 
 
 def linear_kernels(model: nn.Module, compiled: bool = False) -> dict:

@@ -59,3 +59,28 @@ def test_profile_calls_count_only_operations_with_time():
 
     profile = top_operations([event("gemm", 300.0, 2), event("idle_marker", 0.0, 50)], cuda=True)
     assert profile["calls"] == 2 and [r["op"] for r in profile["top"]] == ["gemm"]
+
+
+def test_prefill_flops_count_the_band_a_sliding_window_attends():
+    """A layer with window w attends w keys per query past the window, not half the square; the
+    prefill's share of the matmul ceiling would otherwise be overstated on Mistral-style models."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    from compress.evaluate.bench import attention_windows, prefill_flops
+
+    def flops(config, length):
+        return prefill_flops(AutoModelForCausalLM.from_config(config), 2, length)
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=320)
+    per_pair = 2 * 2 * 2 * 4 * 16                # QK^T and PV, 2 flops each, batch 2, 4 heads
+    full = flops(MistralConfig(**shape, sliding_window=None), 64)
+    assert attention_windows(MistralConfig(**shape, sliding_window=16)) == [16] * 3
+    # per layer, 64 x 64 / 2 pairs without a window; 16 x 16 / 2 + 48 x 16 with one
+    assert full - flops(MistralConfig(**shape, sliding_window=16), 64) == pytest.approx(
+        3 * per_pair * (64 * 64 / 2 - (16 * 16 / 2 + 48 * 16)))
+    assert flops(MistralConfig(**shape, sliding_window=64), 64) == pytest.approx(full)
+    mixed = Qwen2Config(**shape, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    assert attention_windows(mixed) == [None, 16, 16]
+    assert full - flops(mixed, 64) == pytest.approx(
+        2 * per_pair * (64 * 64 / 2 - (16 * 16 / 2 + 48 * 16)))
