@@ -9,17 +9,13 @@ import pytest
 import torch
 
 from compress.adapters import adapter_for, decoder_linears
-from compress.calibration import CalibrationData
 from compress.errors import UserError
 from compress.passes import build_config, pass_table
 from compress.prune import masks
 from compress.prune.common import input_groups
 from compress.prune.sparsegpt import accumulate_hessian, reconstruction_error
 
-
-def _prune(model, name, tokens, **fields):
-    spec = pass_table()[name]
-    return spec.apply(model, build_config(spec, fields), CalibrationData(tokens, 2, "cpu"))
+from apply_pass import apply_pass
 
 
 def _inputs_of(model, rel_name: str, layer_index: int, tokens, batch: int = 2) -> torch.Tensor:
@@ -42,7 +38,7 @@ def _inputs_of(model, rel_name: str, layer_index: int, tokens, batch: int = 2) -
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_every_matrix_reaches_the_exact_sparsity_and_it_is_reported(tiny_model, tokens, method):
     sparsity = 0.37    # round(0.37 * numel) is not a multiple of the row count: exactness shows
-    model = _prune(tiny_model, method, tokens, sparsity=sparsity)
+    model = apply_pass(tiny_model, method, tokens, sparsity=sparsity)
     for name, linear in decoder_linears(model):
         zeros = int((linear.weight == 0).sum())
         assert zeros == round(sparsity * linear.weight.numel()), name
@@ -60,7 +56,7 @@ def test_every_matrix_reaches_the_exact_sparsity_and_it_is_reported(tiny_model, 
 @pytest.mark.parametrize("method,n,m", [("magnitude", 2, 4), ("wanda", 2, 4), ("wanda", 4, 8),
                                         ("sparsegpt", 2, 4), ("sparsegpt", 4, 8)])
 def test_every_nm_group_of_every_matrix_is_valid(tiny_model, tokens, method, n, m):
-    model = _prune(tiny_model, method, tokens, pattern=f"{n}:{m}")
+    model = apply_pass(tiny_model, method, tokens, pattern=f"{n}:{m}")
     for name, linear in decoder_linears(model):
         assert masks.is_nm(linear.weight != 0, n, m), name
     assert model.compress_report["sparsity"]["overall"] == pytest.approx(1 - n / m)
@@ -75,7 +71,7 @@ def test_wanda_masks_come_from_the_inputs_each_layer_really_sees(tiny, tokens):
     x0 = _inputs_of(dense, q, 0, tokens)
     w0 = a.layers(dense)[0].get_submodule(q).weight.detach().clone()
     w1 = a.layers(dense)[1].get_submodule(q).weight.detach().clone()
-    model = _prune(dense, "wanda", tokens, sparsity=0.5)
+    model = apply_pass(dense, "wanda", tokens, sparsity=0.5)
     x1 = _inputs_of(model, q, 1, tokens)          # layer 0 pruned: what layer 1 saw
     for w, x, index in ((w0, x0, 0), (w1, x1, 1)):
         expected = masks.unstructured_mask(masks.wanda_scores(w, x.pow(2).sum(0)), 0.5, "row")
@@ -92,7 +88,7 @@ def test_sequential_wanda_chooses_every_mask_on_the_inputs_of_the_pruned_model(t
     the outputs of the pruned q/k/v, down_proj's from the pruned gate/up, and so on: every mask
     is Wanda's on exactly the inputs that linear sees in the final pruned model."""
     dense = {name: linear.weight.detach().clone() for name, linear in decoder_linears(tiny_model)}
-    model = _prune(tiny_model, "wanda", tokens, pattern=pattern, sequential=True)
+    model = apply_pass(tiny_model, "wanda", tokens, pattern=pattern, sequential=True)
     a = adapter_for(model)
     prefix = a.layers_path
     for index, layer in enumerate(a.layers(model)):
@@ -112,8 +108,8 @@ def test_sparsegpt_reconstructs_layer_outputs_better_than_wanda(tiny, tokens, pa
     names = [f"{a.attention}.{a.q}", f"{a.attention}.{a.o}", f"{a.mlp}.{a.down}"]
     x = {n: _inputs_of(tiny.model, n, 0, tokens) for n in names}
     dense = {n: a.layers(tiny.model)[0].get_submodule(n).weight.detach().clone() for n in names}
-    wanda = _prune(copy.deepcopy(tiny.model), "wanda", tokens, pattern=pattern)
-    sgpt = _prune(tiny.model, "sparsegpt", tokens, pattern=pattern)
+    wanda = apply_pass(copy.deepcopy(tiny.model), "wanda", tokens, pattern=pattern)
+    sgpt = apply_pass(tiny.model, "sparsegpt", tokens, pattern=pattern)
     errors = {}
     for n in names:
         h, _ = accumulate_hessian(None, 0, x[n])
@@ -127,7 +123,7 @@ def test_owl_profile_reaches_its_per_layer_targets_and_the_mean(tiny_model, toke
     # A strong outlier column in layer 1's MLP input makes layer 1 the outlier-heavy one.
     a = adapter_for(tiny_model)
     a.layers(tiny_model)[1].get_submodule(f"{a.mlp}.{a.gate}").weight.data[:, 3] *= 40
-    model = _prune(tiny_model, "wanda", tokens, sparsity=0.5, profile="owl", owl_lambda=0.05)
+    model = apply_pass(tiny_model, "wanda", tokens, sparsity=0.5, profile="owl", owl_lambda=0.05)
     report = model.compress_report["sparsity"]
     targets = report["target_per_layer"]
     assert targets[1] < 0.5 < targets[0]
@@ -141,7 +137,7 @@ def test_pruning_needs_float_linears_first(tiny_model, tokens):
     spec = pass_table()["rtn"]
     spec.apply(tiny_model, build_config(spec, {"bits": 8}), None)
     with pytest.raises(UserError, match="put pruning passes before quantization"):
-        _prune(tiny_model, "wanda", tokens)
+        apply_pass(tiny_model, "wanda", tokens)
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -177,7 +173,7 @@ def test_owl_per_layer_targets_are_what_each_layer_reaches(tiny_model, tokens, m
     target (the report's target_per_layer would then differ from what the weights have)."""
     a = adapter_for(tiny_model)
     a.layers(tiny_model)[1].get_submodule(f"{a.mlp}.{a.gate}").weight.data[:, 3] *= 40
-    model = _prune(tiny_model, method, tokens, sparsity=0.5, profile="owl", owl_lambda=0.05)
+    model = apply_pass(tiny_model, method, tokens, sparsity=0.5, profile="owl", owl_lambda=0.05)
     report = model.compress_report["sparsity"]
     targets = report["target_per_layer"]
     assert abs(targets[0] - targets[1]) > 0.01
@@ -197,7 +193,7 @@ def test_owl_threshold_decides_the_outlier_ratios(tiny_model):
                                     for g in input_groups(a) for n in g], 5.0) for layer in layers]
     expected = masks.owl_profile(ratios, 0.5, 0.05)
     assert expected != masks.owl_profile(default, 0.5, 0.05)   # the threshold matters here
-    model = _prune(tiny_model, "magnitude", None, sparsity=0.5, profile="owl", owl_lambda=0.05,
+    model = apply_pass(tiny_model, "magnitude", None, sparsity=0.5, profile="owl", owl_lambda=0.05,
                    owl_threshold=threshold)
     assert model.compress_report["sparsity"]["target_per_layer"] == pytest.approx(expected,
                                                                                  abs=1e-6)
@@ -211,7 +207,7 @@ def test_wanda_scope_is_the_mask_scope(tiny, tokens, scope):
     q = f"{a.attention}.{a.q}"
     x0 = _inputs_of(dense, q, 0, tokens)
     w0 = a.layers(dense)[0].get_submodule(q).weight.detach().clone()
-    model = _prune(dense, "wanda", tokens, sparsity=0.5, scope=scope)
+    model = apply_pass(dense, "wanda", tokens, sparsity=0.5, scope=scope)
     scores = masks.wanda_scores(w0, x0.pow(2).sum(0))
     expected = masks.unstructured_mask(scores, 0.5, scope)
     got = a.layers(model)[0].get_submodule(q).weight != 0

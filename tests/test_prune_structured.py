@@ -14,10 +14,7 @@ from compress.errors import UserError
 from compress.passes import build_config, pass_table
 from compress.prune import shrink
 
-
-def _prune(model, name, tokens, **fields):
-    spec = pass_table()[name]
-    return spec.apply(model, build_config(spec, fields), CalibrationData(tokens, 2, "cpu"))
+from apply_pass import apply_pass
 
 
 def _logits(model, tokens):
@@ -37,7 +34,7 @@ def _roundtrip(model, tokens, tmp_path, stock: bool):
 
 
 def test_mlp_channels_shrink_reload_and_stock_load(tiny_model, tokens, tmp_path):
-    model = _prune(tiny_model, "mlp-channels", tokens, ratio=0.25)
+    model = apply_pass(tiny_model, "mlp-channels", tokens, ratio=0.25)
     a = adapter_for(model)
     for layer in a.layers(model):
         assert layer.get_submodule(f"{a.mlp}.{a.gate}").weight.shape == (144, 64)
@@ -50,7 +47,7 @@ def test_mlp_channels_shrink_reload_and_stock_load(tiny_model, tokens, tmp_path)
 
 
 def test_mlp_channels_global_scope_per_layer_shapes_reload(tiny_model, tokens, tmp_path):
-    model = _prune(tiny_model, "mlp-channels", tokens, ratio=0.25, scope="global")
+    model = apply_pass(tiny_model, "mlp-channels", tokens, ratio=0.25, scope="global")
     widths = model.compress_report["structured"]["intermediate_per_layer"]
     assert sum(widths) == 2 * 144 and len(set(widths)) == 2   # same total, different widths
     meta = _roundtrip(model, tokens, tmp_path, stock=False)
@@ -60,7 +57,7 @@ def test_mlp_channels_global_scope_per_layer_shapes_reload(tiny_model, tokens, t
 
 @pytest.mark.parametrize("mode,heads,kv", [("kv-groups", 2, 1), ("query", 2, 2)])
 def test_heads_shrink_and_reload(tiny_model, tokens, tmp_path, mode, heads, kv):
-    model = _prune(tiny_model, "heads", tokens, ratio=0.5, mode=mode)
+    model = apply_pass(tiny_model, "heads", tokens, ratio=0.5, mode=mode)
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (heads, kv)
     a = adapter_for(model)
     attention = a.layers(model)[0].get_submodule(a.attention)
@@ -76,7 +73,7 @@ def test_pruning_dead_mlp_channels_leaves_outputs_unchanged(tiny_model, tokens):
         for name in (a.gate, a.up):
             layer.get_submodule(f"{a.mlp}.{name}").weight.data[::4] = 0
     before = _logits(tiny_model, tokens)
-    model = _prune(tiny_model, "mlp-channels", tokens, ratio=0.25)
+    model = apply_pass(tiny_model, "mlp-channels", tokens, ratio=0.25)
     assert torch.allclose(_logits(model, tokens), before, atol=1e-5)
 
 
@@ -92,7 +89,7 @@ def test_pruning_dead_heads_leaves_outputs_unchanged(tiny_model, tokens, mode):
             o[:, 16:32] = 0
             o[:, 48:64] = 0
     before = _logits(tiny_model, tokens)
-    model = _prune(tiny_model, "heads", tokens, ratio=0.5, mode=mode)
+    model = apply_pass(tiny_model, "heads", tokens, ratio=0.5, mode=mode)
     assert model.config.num_attention_heads == 2
     assert torch.allclose(_logits(model, tokens), before, atol=1e-5)
 
@@ -104,7 +101,7 @@ def test_drop_layers_renumbers_kv_cache_and_reloads(tokens, tmp_path):
     config.num_hidden_layers = 4
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    model = _prune(model, "layers", tokens, drop=2)
+    model = apply_pass(model, "layers", tokens, drop=2)
     a = adapter_for(model)
     report = model.compress_report["structured"]
     influence = report["block_influence"]
@@ -137,7 +134,7 @@ def test_the_layer_that_changes_the_hidden_state_least_is_dropped(tokens):
     with torch.no_grad():
         identity.get_submodule(f"{a.attention}.{a.o}").weight.zero_()
         identity.get_submodule(f"{a.mlp}.{a.down}").weight.zero_()
-    model = _prune(model, "layers", tokens, drop=1)
+    model = apply_pass(model, "layers", tokens, drop=1)
     report = model.compress_report["structured"]
     assert report["dropped"] == [2]
     assert report["block_influence"][2] == pytest.approx(0, abs=1e-6)
@@ -203,10 +200,10 @@ def test_structured_config_errors(name, fields, message):
 
 def test_structured_runtime_errors(tiny_model, tokens):
     with pytest.raises(UserError, match="KV groups"):
-        _prune(tiny_model, "heads", tokens, ratio=0.1)
+        apply_pass(tiny_model, "heads", tokens, ratio=0.1)
     with pytest.raises(UserError, match="drop 2 leaves no decoder layer of the model's 2; "
                                         "allowed: 1 to 1"):
-        _prune(tiny_model, "layers", tokens, drop=2)
+        apply_pass(tiny_model, "layers", tokens, drop=2)
 
 
 def test_dropping_layers_after_a_sparsity_pass_keeps_each_target_with_its_layer(tiny_model,
@@ -216,7 +213,7 @@ def test_dropping_layers_after_a_sparsity_pass_keeps_each_target_with_its_layer(
 
     a = adapter_for(tiny_model)
     a.layers(tiny_model)[1].get_submodule(f"{a.mlp}.{a.gate}").weight.data[:, 3] *= 40
-    model = _prune(tiny_model, "wanda", tokens, sparsity=0.5, profile="owl", owl_lambda=0.05)
+    model = apply_pass(tiny_model, "wanda", tokens, sparsity=0.5, profile="owl", owl_lambda=0.05)
     targets = model.compress_report["sparsity"]["target_per_layer"]
     assert len(targets) == 2 and targets[0] != targets[1]
     drop_layers(model, [0])
@@ -232,7 +229,7 @@ def test_dropping_the_widest_layer_leaves_a_config_that_builds_the_kept_layers(t
     once that layer is dropped, the config must describe the layers that are left."""
     from compress.prune.structured import drop_layers
 
-    model = _prune(tiny_model, "mlp-channels", tokens, ratio=0.25, scope="global")
+    model = apply_pass(tiny_model, "mlp-channels", tokens, ratio=0.25, scope="global")
     widths = model.compress_report["structured"]["intermediate_per_layer"]
     drop_layers(model, [widths.index(max(widths))])
     assert model.config.intermediate_size == min(widths)
@@ -245,7 +242,7 @@ def test_mlp_magnitude_without_reconstruct_keeps_the_largest_down_columns_as_the
         tiny_model, tokens, scope):
     model = tiny_model
     downs = [layer.mlp.down_proj.weight.detach().clone() for layer in model.model.layers]
-    model = _prune(model, "mlp-channels", tokens, ratio=0.25, criterion="magnitude",
+    model = apply_pass(model, "mlp-channels", tokens, ratio=0.25, criterion="magnitude",
                    reconstruct=False, scope=scope)
     for w, layer in zip(downs, model.model.layers):
         kept = layer.mlp.down_proj.in_features
@@ -256,7 +253,7 @@ def test_mlp_magnitude_without_reconstruct_keeps_the_largest_down_columns_as_the
 def test_heads_without_reconstruct_slice_o_proj_unchanged(tiny_model, tokens):
     model = tiny_model
     o = [layer.self_attn.o_proj.weight.detach().clone() for layer in model.model.layers]
-    model = _prune(model, "heads", tokens, ratio=0.5, mode="kv-groups", reconstruct=False)
+    model = apply_pass(model, "heads", tokens, ratio=0.5, mode="kv-groups", reconstruct=False)
     for w, layer, removed in zip(o, model.model.layers,
                                  model.compress_report["structured"]["removed_per_layer"]):
         kept = [g for g in range(2) if g not in removed]          # 2 KV groups of 2 heads
