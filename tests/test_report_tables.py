@@ -97,3 +97,30 @@ def test_speed_from_carries_the_speed_protocol():
     assert attach_speed(quality, _donors()) == []
     assert all(q["protocol"]["speed"] == SPEED_PROTOCOL for q in quality)
     assert "decode prompt 512, 128 new tokens" in markdown_report(quality)
+
+
+def test_the_committed_smollm2_sweep_joins_a_speed_sweep_of_its_recipes_today():
+    """The GPU run owed to reports/smollm2-135m-sweep times the same recipe files on
+    random:smollm2-135m, then `--speed-from` joins by recipe key and model shape: a pass field
+    added since the sweep (its resolved passes would differ) or a random shape off by a parameter
+    would leave that GPU run's figures unjoinable."""
+    import json
+    from pathlib import Path
+
+    from compress.evaluate.memory import parameter_count
+    from compress.recipe import load_recipe
+    from compress.reports.speed_source import recipe_key
+    from compress.sources import load_random
+
+    root = Path(__file__).resolve().parent.parent
+    sweep = [json.loads(p.read_text())
+             for p in sorted((root / "reports/smollm2-135m-sweep").glob("*.json"))]
+    recipes = [r for r in sweep if r.get("recipe")]
+    assert len(recipes) == 7
+    for committed in recipes:
+        today = load_recipe(str(root / "recipes" / f"{committed['recipe']['name']}.yaml"))
+        assert recipe_key({"recipe": today.resolved()}) == recipe_key(committed)
+    (baseline,) = [r for r in sweep if not r.get("recipe")]
+    model = load_random("smollm2-135m").model
+    assert model.config.model_type == baseline["model"]["architecture"]
+    assert parameter_count(model) == baseline["model"]["parameters"]
