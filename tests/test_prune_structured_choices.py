@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from compress.adapters import adapter_for
 from compress.prune import shrink
-from test_prune_passes import _inputs_of, _prune
+
+from apply_pass import apply_pass
+from test_prune_passes import _inputs_of
 from test_prune_structured import _logits
 
 
@@ -23,7 +25,7 @@ def test_query_mode_ranks_the_heads_of_each_group_on_their_own(tiny_model, token
         o[:, 0:16] = 0
         o[:, 48:64] = 0
     before = _logits(tiny_model, tokens)
-    model = _prune(tiny_model, "heads", tokens, ratio=0.5, mode="query")
+    model = apply_pass(tiny_model, "heads", tokens, ratio=0.5, mode="query")
     assert model.compress_report["structured"]["removed_per_layer"] == [[0, 3], [0, 3]]
     assert torch.allclose(_logits(model, tokens), before, atol=1e-5)
 
@@ -37,7 +39,7 @@ def test_heads_reconstruct_refits_o_proj(tiny, tokens, damp):
     o = f"{a.attention}.{a.o}"
     x = _inputs_of(model, o, 0, tokens)
     w = a.layers(model)[0].get_submodule(o).weight.detach().clone()
-    model = _prune(model, "heads", tokens, ratio=0.5, mode="kv-groups", damp=damp)
+    model = apply_pass(model, "heads", tokens, ratio=0.5, mode="kv-groups", damp=damp)
     removed = model.compress_report["structured"]["removed_per_layer"][0]
     kept = [g for g in range(2) if g not in removed]
     cols = torch.cat([torch.arange(g * 32, g * 32 + 32) for g in kept])
@@ -79,7 +81,7 @@ def test_kv_groups_rank_a_group_by_the_sum_of_its_heads(tiny, tokens):
     w[:, 0:16] *= scale
     energy = shrink.head_energy(w, x.t() @ x, 16).view(2, 2)
     assert int(energy.sum(1).argmin()) != int(energy.amax(1).argmin())   # the case discriminates
-    model = _prune(model, "heads", tokens, ratio=0.5, mode="kv-groups")
+    model = apply_pass(model, "heads", tokens, ratio=0.5, mode="kv-groups")
     assert model.compress_report["structured"]["removed_per_layer"][0] == [
         int(energy.sum(1).argmin())]
 
@@ -94,7 +96,7 @@ def test_mlp_channels_reconstruct_refits_down_proj(tiny, tokens):
     w = a.layers(model)[0].get_submodule(down).weight.detach().clone()
     h = x.t() @ x / len(x)
     keep = shrink.keep_indices(192, shrink.lowest(shrink.column_energy(w, h), 48))
-    model = _prune(model, "mlp-channels", tokens, ratio=0.25)
+    model = apply_pass(model, "mlp-channels", tokens, ratio=0.25)
     got = a.layers(model)[0].get_submodule(down).weight
     torch.testing.assert_close(got, shrink.compensate(w, h, keep, 0.01), rtol=1e-3, atol=1e-5)
     assert not torch.allclose(got, w[:, keep], atol=1e-4)
@@ -109,7 +111,7 @@ def test_global_scope_ranks_channels_by_activation_energy(tiny_model, tokens):
         for name in (a.gate, a.up):
             layer.get_submodule(f"{a.mlp}.{name}").weight.data[::4] = 0
     before = _logits(tiny_model, tokens)
-    model = _prune(tiny_model, "mlp-channels", tokens, ratio=0.25, scope="global")
+    model = apply_pass(tiny_model, "mlp-channels", tokens, ratio=0.25, scope="global")
     assert model.compress_report["structured"]["intermediate_per_layer"] == [144, 144]
     assert torch.allclose(_logits(model, tokens), before, atol=1e-5)
 
@@ -138,6 +140,6 @@ def test_block_influence_is_the_mean_over_every_token(tiny_model, tokens):
     for handle in handles:
         handle.remove()
     expected = [s / n for s, n in zip(sums, count)]
-    model = _prune(tiny_model, "layers", tokens, drop=1)
+    model = apply_pass(tiny_model, "layers", tokens, drop=1)
     assert model.compress_report["structured"]["block_influence"] == pytest.approx(expected,
                                                                                   abs=2e-6)
