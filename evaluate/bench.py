@@ -308,7 +308,8 @@ def prefill_flops(model: nn.Module, batch: int, length: int) -> float:
 def attention_windows(config) -> list[int | None]:
     """Each layer's sliding window (None: full causal attention), as transformers reads them:
     `layer_types` where the config has it (Qwen2 with use_sliding_window), else `sliding_window`
-    for every layer (Mistral)."""
+    for every layer (Mistral). Not through transformers' own get_layer_types_and_kwargs: it
+    returns one kwargs dict in 5.17 (the GPU image) and one per layer in 5.24."""
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if types:

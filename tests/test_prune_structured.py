@@ -66,14 +66,18 @@ def test_heads_shrink_and_reload(tiny_model, tokens, tmp_path, mode, heads, kv):
     _roundtrip(model, tokens, tmp_path, stock=True)
 
 
-def test_pruning_dead_mlp_channels_leaves_outputs_unchanged(tiny_model, tokens):
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_pruning_dead_mlp_channels_leaves_outputs_unchanged(tiny_model, tokens, scope):
+    """Dead channels have zero activation energy and are the ones removed, in each layer or
+    ranked across layers. Catches (global): the ranking using the down_proj weights alone."""
     a = adapter_for(tiny_model)
     for layer in a.layers(tiny_model):
         # Channels whose gate and up rows are zero output silu(0) * 0 = 0: they are dead.
         for name in (a.gate, a.up):
             layer.get_submodule(f"{a.mlp}.{name}").weight.data[::4] = 0
     before = _logits(tiny_model, tokens)
-    model = apply_pass(tiny_model, "mlp-channels", tokens, ratio=0.25)
+    model = apply_pass(tiny_model, "mlp-channels", tokens, ratio=0.25, scope=scope)
+    assert model.compress_report["structured"]["intermediate_per_layer"] == [144, 144]
     assert torch.allclose(_logits(model, tokens), before, atol=1e-5)
 
 
