@@ -123,7 +123,12 @@ def test_a_bench_killed_mid_run_leaves_its_measured_rows_and_no_output(tmp_path)
     (partial,) = tmp_path.glob(".bench.tmp-*")
     doc = json.loads((partial / "bench.json").read_text())
     assert doc["incomplete"] and [row["name"] for row in doc["rows"]] == ["hf"]
-    assert doc["rows"][0]["decode"][0]["ms_per_token"] > 0
+    (prefill,), (decode,) = doc["rows"][0]["prefill"], doc["rows"][0]["decode"]
+    # With one repeat, generate(1) can outlast generate(3) on a busy 2-core machine (CI saw it
+    # once); the peer then reports no decode figure, with a note, rather than a false one. The
+    # row is kept either way, which is what this test is about.
+    assert prefill["ttft_ms"] > 0 and decode["batch"] == 1
+    assert (decode["ms_per_token"] or 0) > 0 or "no decode time" in decode["note"]
     assert "Incomplete" in (partial / "bench.md").read_text()
 
 
