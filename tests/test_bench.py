@@ -115,20 +115,18 @@ def test_a_bench_killed_mid_run_leaves_its_measured_rows_and_no_output(tmp_path)
               "from compress.cli import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     done = subprocess.run([sys.executable, "-c", script, "bench", "random:tiny", "--batch", "1",
-                           "--prompt", "8", "--new", "2", "--prefill", "1x16", "--warmup", "0",
-                           "--repeats", "1", "--peers", "hf", "--out", str(out)],
+                           "--prompt", "8", "--new", "2", "--prefill", "1x16", "--warmup", "1",
+                           "--repeats", "5", "--peers", "hf", "--out", str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 137, done.stderr[-2000:]
     assert not out.exists()
     (partial,) = tmp_path.glob(".bench.tmp-*")
     doc = json.loads((partial / "bench.json").read_text())
     assert doc["incomplete"] and [row["name"] for row in doc["rows"]] == ["hf"]
+    # Medians of 5 after a warm-up: the hf decode figure is generate(3) - generate(1), and one
+    # repeat of each on a busy 2-core machine once ordered them the wrong way (no figure).
     (prefill,), (decode,) = doc["rows"][0]["prefill"], doc["rows"][0]["decode"]
-    # With one repeat, generate(1) can outlast generate(3) on a busy 2-core machine (CI saw it
-    # once); the peer then reports no decode figure, with a note, rather than a false one. The
-    # row is kept either way, which is what this test is about.
-    assert prefill["ttft_ms"] > 0 and decode["batch"] == 1
-    assert (decode["ms_per_token"] or 0) > 0 or "no decode time" in decode["note"]
+    assert prefill["ttft_ms"] > 0 and decode["batch"] == 1 and decode["ms_per_token"] > 0
     assert "Incomplete" in (partial / "bench.md").read_text()
 
 
@@ -210,8 +208,6 @@ def test_a_failing_profile_keeps_the_figures(tiny_model, monkeypatch):
 
 
 def test_gpu_profiles_count_kernels_not_the_operators_that_launched_them():
-    from types import SimpleNamespace
-
     from compress.evaluate.profile import top_operations
 
     def event(key, device, us, count=1):
@@ -277,8 +273,6 @@ def test_gpu_row_peaks_exclude_other_models_and_include_this_ones_kernel_layouts
 
 
 def test_results_name_the_gpu_the_run_used_not_the_first(monkeypatch):
-    from types import SimpleNamespace
-
     from compress.evaluate import results
 
     gpus = ["NVIDIA A10", "NVIDIA H100 80GB HBM3"]
@@ -336,31 +330,6 @@ def test_bench_reports_the_bytes_a_decode_step_reads(tiny_bench):
         assert step["bytes_per_step"] == pytest.approx(total + kv, rel=1e-12)
         assert step["pct_of_roofline"] == pytest.approx(
             100 * step["roofline_ms_per_token"] / step["ms_per_token"])
-
-
-@pytest.mark.parametrize("lm_head,expected", [(0, 1000 + 50), (300, 700 + 50)])
-def test_untied_embedding_table_is_not_read_by_a_decode_step(lm_head, expected):
-    from compress.evaluate.bench import decode_bytes_per_step
-
-    engine = SimpleNamespace(cache=SimpleNamespace(layers=[_kv_layer(200, 8)]), max_len=8)
-    weights = {"total": 1000, "embedding": 300, "lm_head": lm_head}
-    assert decode_bytes_per_step(weights, engine, 2) == expected
-
-
-def _kv_layer(nbytes, slots):
-    half = SimpleNamespace(nbytes=nbytes // 2)
-    return SimpleNamespace(keys=half, values=half, max_cache_len=slots)
-
-
-def test_a_sliding_window_layer_reads_at_most_its_window_per_step():
-    """A full layer of 8 slots reads 4 / 8 of its K/V at a mean context of 4; a sliding layer's
-    cache holds its 2-token window, all of which a step reads."""
-    from compress.evaluate.bench import decode_bytes_per_step
-
-    engine = SimpleNamespace(cache=SimpleNamespace(layers=[_kv_layer(200, 8), _kv_layer(200, 2)]),
-                             max_len=8)
-    weights = {"total": 1000, "embedding": 300, "lm_head": 0}
-    assert decode_bytes_per_step(weights, engine, 4) == 1000 + 100 + 200
 
 
 def test_our_model_is_freed_before_the_quantized_peers_load_theirs(monkeypatch):

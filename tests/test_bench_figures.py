@@ -1,5 +1,5 @@
 """The timing statistics, the device ceilings and the figures `compress bench` derives from the
-median time: each recomputed from the row's own timing."""
+median time, each recomputed from the row's own timing; and the bytes a decode step reads."""
 import json
 from types import SimpleNamespace
 
@@ -84,3 +84,27 @@ def test_prefill_flops_count_the_band_a_sliding_window_attends():
     assert attention_windows(mixed) == [None, 16, 16]
     assert full - flops(mixed, 64) == pytest.approx(
         2 * per_pair * (64 * 64 / 2 - (16 * 16 / 2 + 48 * 16)))
+
+
+@pytest.mark.parametrize("lm_head,expected", [(0, 1000 + 50), (300, 700 + 50)])
+def test_untied_embedding_table_is_not_read_by_a_decode_step(lm_head, expected):
+    from compress.evaluate.bench import decode_bytes_per_step
+
+    engine = SimpleNamespace(cache=SimpleNamespace(layers=[_kv_layer(200, 8)]))
+    weights = {"total": 1000, "embedding": 300, "lm_head": lm_head}
+    assert decode_bytes_per_step(weights, engine, 2) == expected
+
+
+def _kv_layer(nbytes, slots):
+    half = SimpleNamespace(nbytes=nbytes // 2)
+    return SimpleNamespace(keys=half, values=half, max_cache_len=slots)
+
+
+def test_a_sliding_window_layer_reads_at_most_its_window_per_step():
+    """A full layer of 8 slots reads 4 / 8 of its K/V at a mean context of 4; a sliding layer's
+    cache holds its 2-token window, all of which a step reads."""
+    from compress.evaluate.bench import decode_bytes_per_step
+
+    engine = SimpleNamespace(cache=SimpleNamespace(layers=[_kv_layer(200, 8), _kv_layer(200, 2)]))
+    weights = {"total": 1000, "embedding": 300, "lm_head": 0}
+    assert decode_bytes_per_step(weights, engine, 4) == 1000 + 100 + 200

@@ -186,15 +186,15 @@ def test_owl_threshold_decides_the_outlier_ratios(tiny_model):
     a = adapter_for(tiny_model)
     layers = a.layers(tiny_model)
     threshold = 2.5
-    ratios = [masks.outlier_ratio([masks.magnitude_scores(layer.get_submodule(n).weight)
-                                   for g in input_groups(a) for n in g], threshold)
-              for layer in layers]
-    default = [masks.outlier_ratio([masks.magnitude_scores(layer.get_submodule(n).weight)
-                                    for g in input_groups(a) for n in g], 5.0) for layer in layers]
-    expected = masks.owl_profile(ratios, 0.5, 0.05)
-    assert expected != masks.owl_profile(default, 0.5, 0.05)   # the threshold matters here
+
+    def ratios(at):
+        return [masks.outlier_ratio([masks.magnitude_scores(layer.get_submodule(n).weight)
+                                     for g in input_groups(a) for n in g], at)
+                for layer in layers]
+    expected = masks.owl_profile(ratios(threshold), 0.5, 0.05)
+    assert expected != masks.owl_profile(ratios(5.0), 0.5, 0.05)   # the threshold matters here
     model = apply_pass(tiny_model, "magnitude", None, sparsity=0.5, profile="owl", owl_lambda=0.05,
-                   owl_threshold=threshold)
+                       owl_threshold=threshold)
     assert model.compress_report["sparsity"]["target_per_layer"] == pytest.approx(expected,
                                                                                  abs=1e-6)
 

@@ -247,7 +247,7 @@ def test_mlp_magnitude_without_reconstruct_keeps_the_largest_down_columns_as_the
     model = tiny_model
     downs = [layer.mlp.down_proj.weight.detach().clone() for layer in model.model.layers]
     model = apply_pass(model, "mlp-channels", tokens, ratio=0.25, criterion="magnitude",
-                   reconstruct=False, scope=scope)
+                       reconstruct=False, scope=scope)
     for w, layer in zip(downs, model.model.layers):
         kept = layer.mlp.down_proj.in_features
         largest = torch.sort(w.pow(2).sum(0), descending=True).indices[:kept].sort().values
