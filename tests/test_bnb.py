@@ -15,6 +15,8 @@ from compress.formats.bnb import BnbInt8Linear, BnbNF4Linear, llm_int8_reference
 from compress.passes import build_config, pass_table  # noqa: E402
 from compress.recipe import apply_recipe, recipe_from_dict  # noqa: E402
 
+from apply_pass import apply_pass  # noqa: E402
+
 
 def _linear(in_features=256, out_features=128):
     torch.manual_seed(0)
@@ -87,8 +89,7 @@ def test_double_quant_stores_8bit_absmax_and_stays_close():
 @pytest.mark.parametrize("method,fields", [("bnb-int8", {}), ("bnb-nf4", {"double_quant": True}),
                                            ("bnb-fp4", {"blocksize": 32})])
 def test_bnb_checkpoint_reloads_bit_identical(tiny, tokens, tmp_path, method, fields):
-    spec = pass_table()[method]
-    model = spec.apply(tiny.model, build_config(spec, fields), None)
+    model = apply_pass(tiny.model, method, **fields)
     save_checkpoint(model, tiny.tokenizer, str(tmp_path / method), {"name": method},
                     tiny.provenance)
     reloaded = load_checkpoint(str(tmp_path / method)).model
@@ -176,8 +177,7 @@ def test_bnb_4bit_blocksize_reaches_the_layers(tiny_model):
     ("bnb-nf4", {"compute_dtype": "bfloat16"}, "compute_dtype", "bfloat16"),
 ])
 def test_bnb_options_survive_a_checkpoint(tiny, tokens, tmp_path, method, fields, key, value):
-    spec = pass_table()[method]
-    model = spec.apply(tiny.model, build_config(spec, fields), None)
+    model = apply_pass(tiny.model, method, **fields)
     save_checkpoint(model, tiny.tokenizer, str(tmp_path / "q"), None, {})
     meta = json.loads((tmp_path / "q" / "compress.json").read_text())
     assert meta["modules"]["model.layers.1.mlp.down_proj"][key] == value

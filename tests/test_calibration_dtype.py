@@ -12,6 +12,8 @@ from compress.prune.masks import is_nm
 from compress.quant.stats import InputStats, gram
 from compress.recipe import recipe_from_dict
 
+from apply_pass import apply_pass
+
 
 def test_layers_compute_in_bfloat16_and_hand_on_float32(tiny_model, tokens):
     seen = []
@@ -118,13 +120,9 @@ def test_reports_say_the_calibration_forwards_dtype():
 def test_quantized_layers_answer_in_the_autocast_dtype_as_nn_linear_does(fmt):
     """A float16 model calibrated in bfloat16: a layer quantized earlier in the pass must hand on
     bfloat16, as the nn.Linear it replaced did, or autocast meets two half dtypes and fails."""
-    from compress.passes import build_config, pass_table
-
     session = Session.open("random:tiny", dtype=torch.float16)
     model = copy.deepcopy(session.loaded.model)
-    spec = pass_table()[fmt["pass"]]
-    model = spec.apply(model, build_config(spec, {k: v for k, v in fmt.items() if k != "pass"}),
-                       None)
+    model = apply_pass(model, fmt["pass"], **{k: v for k, v in fmt.items() if k != "pass"})
     layer = model.model.layers[0].mlp.down_proj
     x = torch.randn(2, 5, layer.in_features, dtype=torch.float16)
     with torch.no_grad():

@@ -14,8 +14,9 @@ from compress.formats.bnb import BnbInt8Linear, BnbNF4Linear
 from compress.formats.fp8 import FP8Linear
 from compress.formats.int4 import Int4Linear
 from compress.formats.w8a8 import W8A8Linear
-from compress.passes import build_config, pass_table
 from compress.quant.rtn import quantized_linear
+
+from apply_pass import apply_pass
 
 
 def _linear(out_features=64, in_features=128, seed=0):
@@ -54,8 +55,7 @@ def test_a_cast_keeps_the_buffers_whose_dtype_is_the_format(name):
 @pytest.mark.parametrize("method,fields", [("fp8", {}), ("bnb-int8", {}),
                                            ("bnb-nf4", {"double_quant": True})])
 def test_a_checkpoint_reloaded_in_another_dtype_keeps_its_codes(tiny, tmp_path, method, fields):
-    spec = pass_table()[method]
-    model = spec.apply(tiny.model, build_config(spec, fields), None)
+    model = apply_pass(tiny.model, method, **fields)
     save_checkpoint(model, tiny.tokenizer, str(tmp_path / "q"), {"name": method}, tiny.provenance)
     reloaded = load_checkpoint(str(tmp_path / "q"), dtype=torch.bfloat16).model
     saved = dict(model.model.layers[1].mlp.down_proj.named_buffers())

@@ -134,8 +134,7 @@ def test_owl_profile_reaches_its_per_layer_targets_and_the_mean(tiny_model, toke
 
 
 def test_pruning_needs_float_linears_first(tiny_model, tokens):
-    spec = pass_table()["rtn"]
-    spec.apply(tiny_model, build_config(spec, {"bits": 8}), None)
+    apply_pass(tiny_model, "rtn", bits=8)
     with pytest.raises(UserError, match="put pruning passes before quantization"):
         apply_pass(tiny_model, "wanda", tokens)
 

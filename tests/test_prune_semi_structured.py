@@ -16,6 +16,8 @@ from compress.prune.semi_structured import (DENSE_KERNEL, SPARSE_KERNEL, SemiStr
                                             materialize_2of4_where_faster, sparse_wins_from,
                                             to_semi_structured)
 
+from apply_pass import apply_pass
+
 
 def _pruned_2of4(rows=128, cols=256, dtype=torch.float16, device="cpu"):
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
@@ -53,11 +55,7 @@ def test_sparse_wins_from_the_smallest_rows_after_which_it_always_wins():
 
 
 def _pruned_model(tiny_model, tokens):
-    from compress.calibration import CalibrationData
-    from compress.passes import build_config, pass_table
-
-    spec = pass_table()["magnitude"]
-    return spec.apply(tiny_model, build_config(spec, {"pattern": "2:4"}), CalibrationData(tokens))
+    return apply_pass(tiny_model, "magnitude", tokens, pattern="2:4")
 
 
 def test_where_faster_keeps_dense_sparse_or_both_per_shape_as_measured(tiny_model, tokens):
@@ -144,15 +142,10 @@ def test_sparse_timed_on_another_clock_than_dense_does_not_win(tiny_model, token
 
 
 def test_only_models_whose_every_linear_is_2of4_count_as_2of4(tiny_model, tokens):
-    from compress.calibration import CalibrationData
-    from compress.passes import build_config, pass_table
-
     assert not is_2of4_model(tiny_model)
-    spec = pass_table()["magnitude"]
-    unstructured = spec.apply(copy.deepcopy(tiny_model), build_config(spec, {"sparsity": 0.5}),
-                              CalibrationData(tokens))
+    unstructured = apply_pass(copy.deepcopy(tiny_model), "magnitude", tokens, sparsity=0.5)
     assert not is_2of4_model(unstructured)      # 50% zeros, but not 2 in every 4
-    pruned = spec.apply(tiny_model, build_config(spec, {"pattern": "2:4"}), CalibrationData(tokens))
+    pruned = _pruned_model(tiny_model, tokens)
     assert is_2of4_model(pruned)
 
 

@@ -8,7 +8,6 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from compress.adapters import adapter_for, cache_argument
-from compress.calibration import CalibrationData
 from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.errors import UserError
 from compress.passes import build_config, pass_table
@@ -269,9 +268,7 @@ def test_heads_without_reconstruct_slice_o_proj_unchanged(tiny_model, tokens):
 def test_a_ratio_that_removes_no_channel_is_refused_with_one_that_does(tiny_model, tokens, scope):
     import re
 
-    spec = pass_table()["mlp-channels"]
-    calib = CalibrationData(tokens, 2, "cpu")
     with pytest.raises(UserError, match="removes no MLP channel") as refused:
-        spec.apply(tiny_model, build_config(spec, {"ratio": 0.0005, "scope": scope}), calib)
+        apply_pass(tiny_model, "mlp-channels", tokens, ratio=0.0005, scope=scope)
     least = float(re.search(r"at least ([0-9.e-]+)", str(refused.value)).group(1))
-    spec.apply(tiny_model, build_config(spec, {"ratio": least, "scope": scope}), calib)
+    apply_pass(tiny_model, "mlp-channels", tokens, ratio=least, scope=scope)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from compress.adapters import adapter_for
-from compress.calibration import CalibrationData
-from compress.passes import build_config, pass_table
 from compress.prune.sparsegpt import _block_counts, accumulate_hessian, sparsegpt_prune
+
+from apply_pass import apply_pass
 
 
 def _reference(w, h, nm, blocksize, damp, counts=None):
@@ -95,9 +95,7 @@ def test_the_sparsegpt_pass_uses_its_damp_and_blocksize(tiny, tokens):
     def expected(damp, blocksize):
         return sparsegpt_prune(torch.cat(dense), h, 0.5, None, blocksize, damp, row_groups=rows)[0]
 
-    spec = pass_table()["sparsegpt"]
-    spec.apply(model, build_config(spec, {"sparsity": 0.5, "damp": 0.5, "blocksize": 16}),
-               CalibrationData(tokens, 2, "cpu"))
+    apply_pass(model, "sparsegpt", tokens, sparsity=0.5, damp=0.5, blocksize=16)
     got = torch.cat([layer0.get_submodule(name).weight for name in names])
     torch.testing.assert_close(got, expected(0.5, 16), rtol=1e-4, atol=1e-5)
     for other in (expected(0.01, 16), expected(0.5, 128)):   # the case discriminates
