@@ -98,12 +98,18 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
 
+def pydoc_text() -> str:
+    """The `pydoc` corpus as PROTOCOL.md defines it: every topic of the English documentation
+    that ships with Python, in sorted key order, separated by blank lines."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 def _texts(name: str) -> tuple[str, str | None]:
     """(evaluation text, calibration text or None when both come from one stream)."""
     if name == "pydoc":
-        from pydoc_data.topics import topics
-
-        return "\n\n".join(topics[k] for k in sorted(topics)), None
+        return pydoc_text(), None
     if os.path.isfile(name):
         return _local_text(name), None
     if os.path.isdir(name):

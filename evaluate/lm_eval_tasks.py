@@ -25,6 +25,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from compress.data import pydoc_text
 from compress.errors import UserError
 from compress.sources import file_sha256
 
@@ -175,9 +176,7 @@ def pydoc_mc_items(count: int = 400, seed: int = 0, context_words: int = 20,
                    answer_words: int = 8) -> list[dict]:
     """Multiple-choice continuations from the prose paragraphs of pydoc characters
     [25%, 45%): one item per paragraph (at most `count`), choices shuffled with `seed`."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
+    text = pydoc_text()
     lo, hi = (int(f * len(text)) for f in PYDOC_MC_SPAN)
     need = context_words + answer_words
     paragraphs = [p.split() for p in text[lo:hi].split("\n\n")[1:-1]]  # drop the cut ends

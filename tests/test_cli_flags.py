@@ -23,6 +23,13 @@ def _run(argv):
         main(argv)
 
 
+def _int8_recipe(folder, *lines):
+    """An int8 RTN recipe file in `folder`, with any further top-level `lines`."""
+    path = folder / "int8.yaml"
+    path.write_text("\n".join(["name: int8", *lines, "passes:", "  - {pass: rtn, bits: 8}", ""]))
+    return path
+
+
 def test_quantize_flags_reach_the_recipe_and_the_session(monkeypatch, tmp_path):
     from compress.commands import quantize
 
@@ -86,8 +93,7 @@ def test_sweep_flags_reach_the_bench_and_task_settings(monkeypatch, tmp_path):
     assert (cfg.warmup, cfg.repeats, cfg.compile) == (0, 3, True)
     assert cfg.kernel_choices == (("int4", "triton"),)
 
-    recipe = tmp_path / "int8.yaml"
-    recipe.write_text("name: int8\npasses:\n  - {pass: rtn, bits: 8}\n")
+    recipe = _int8_recipe(tmp_path)
     calls = []
     _record(monkeypatch, sweep, "TaskRunner", calls)
     _run(["sweep", str(recipe), "--model", "random:tiny", "--out", str(tmp_path / "s"),
@@ -104,8 +110,7 @@ def test_sweep_flags_reach_the_bench_and_task_settings(monkeypatch, tmp_path):
 
 
 def test_sweep_title_heads_the_report(tmp_path, capsys):
-    recipe = tmp_path / "int8.yaml"
-    recipe.write_text("name: int8\npasses:\n  - {pass: rtn, bits: 8}\n")
+    recipe = _int8_recipe(tmp_path)
     out = tmp_path / "s"
     assert main(["sweep", str(recipe), "--model", "random:tiny", "--out", str(out),
                  "--title", "Nightly int8", "--windows", "1", "--seq-len", "32"]) == 0
@@ -116,8 +121,7 @@ def test_sweep_title_heads_the_report(tmp_path, capsys):
 def test_run_model_flag_overrides_the_recipes_model(monkeypatch, tmp_path):
     from compress.commands import run as run_command
 
-    recipe = tmp_path / "int8.yaml"
-    recipe.write_text("name: int8\nmodel: random:no-such-shape\npasses:\n  - {pass: rtn, bits: 8}\n")
+    recipe = _int8_recipe(tmp_path, "model: random:no-such-shape")
     calls = []
     _record(monkeypatch, run_command, "run_recipe", calls)
     _run(["run", str(recipe), "--model", "random:tiny", "--out", str(tmp_path / "r")])

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from compress.data import pydoc_text
 from compress.errors import UserError
 from compress.evaluate.lm_eval_tasks import TaskRunner, TaskSettings, pydoc_mc_items, task_scores
 
@@ -96,13 +97,12 @@ def test_pydoc_mc_text_is_outside_evaluation_and_calibration():
     calibration samples of the pydoc protocol, with SmolLM2's tokenizer."""
     import os
 
-    from pydoc_data.topics import topics
     from transformers import AutoTokenizer
 
     from compress.evaluate.lm_eval_tasks import PYDOC_MC_SPAN
     from compress.sources import smollm2_path
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
+    text = pydoc_text()
     folder, name = os.path.split(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -140,9 +140,7 @@ def test_every_data_file_of_a_split_is_recorded(tmp_path):
 
 
 def test_the_right_choice_continues_the_context_in_the_pydoc_text():
-    from pydoc_data.topics import topics
-
-    words = " ".join("\n\n".join(topics[k] for k in sorted(topics)).split())
+    words = " ".join(pydoc_text().split())
     items = pydoc_mc_items()
     for item in items:
         right = item["choices"][item["label"]]

@@ -192,7 +192,7 @@ def test_owl_threshold_decides_the_outlier_ratios(tiny_model):
                 for layer in layers]
     expected = masks.owl_profile(ratios(threshold), 0.5, 0.05)
     assert expected != masks.owl_profile(ratios(5.0), 0.5, 0.05)   # the threshold matters here
-    model = apply_pass(tiny_model, "magnitude", None, sparsity=0.5, profile="owl", owl_lambda=0.05,
+    model = apply_pass(tiny_model, "magnitude", sparsity=0.5, profile="owl", owl_lambda=0.05,
                        owl_threshold=threshold)
     assert model.compress_report["sparsity"]["target_per_layer"] == pytest.approx(expected,
                                                                                  abs=1e-6)
