@@ -207,24 +207,6 @@ def test_a_failing_profile_keeps_the_figures(tiny_model, monkeypatch):
     assert row["profile"] == {"failed": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"}
 
 
-def test_gpu_profiles_count_kernels_not_the_operators_that_launched_them():
-    from compress.evaluate.profile import top_operations
-
-    def event(key, device, us, count=1):
-        return SimpleNamespace(key=key, device_type=f"DeviceType.{device}", count=count,
-                               self_device_time_total=us, self_cpu_time_total=5.0)
-
-    events = [event("aten::mm", "CPU", 300.0), event("sm90_gemm_kernel", "CUDA", 300.0, 2),
-              event("triton_poi_fused_mul", "CUDA", 100.0, 4)]
-    profile = top_operations(events, cuda=True)
-    assert profile["total_ms"] == 0.4 and profile["calls"] == 6
-    assert [r["op"] for r in profile["top"]] == ["sm90_gemm_kernel", "triton_poi_fused_mul"]
-    assert profile["top"][0]["share_pct"] == 75.0
-    # The host's table (what _profiled adds on a GPU) ranks the CPU side: kernels take none.
-    host = top_operations(events, cuda=False)
-    assert [r["op"] for r in host["top"]] == ["aten::mm"] and host["total_ms"] == 0.005
-
-
 def test_a_rows_peak_leaves_out_what_other_models_hold(tiny_model, monkeypatch):
     """A sweep keeps its source model on the GPU while it times each recipe: a row's own peak is
     the process-wide peak less what was resident before it and is not this model's weights."""

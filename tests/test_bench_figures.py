@@ -1,5 +1,6 @@
 """The timing statistics, the device ceilings and the figures `compress bench` derives from the
-median time, each recomputed from the row's own timing; and the bytes a decode step reads."""
+median time, each recomputed from the row's own timing; the bytes a decode step reads; the
+profile tables' kernel counts."""
 import json
 from types import SimpleNamespace
 
@@ -50,14 +51,33 @@ def test_bench_figures_follow_from_the_median_time(tmp_path):
     assert decode["achieved_bytes_per_s"] == pytest.approx(decode["bytes_per_step"] / (d / 4))
 
 
+def _profiler_event(key, device, us, count=1):
+    """What torch.profiler's key_averages() yields per operation, as top_operations reads it."""
+    return SimpleNamespace(key=key, device_type=f"DeviceType.{device}", count=count,
+                           self_device_time_total=us, self_cpu_time_total=5.0)
+
+
+def test_gpu_profiles_count_kernels_not_the_operators_that_launched_them():
+    from compress.evaluate.profile import top_operations
+
+    events = [_profiler_event("aten::mm", "CPU", 300.0),
+              _profiler_event("sm90_gemm_kernel", "CUDA", 300.0, 2),
+              _profiler_event("triton_poi_fused_mul", "CUDA", 100.0, 4)]
+    profile = top_operations(events, cuda=True)
+    assert profile["total_ms"] == 0.4 and profile["calls"] == 6
+    assert [r["op"] for r in profile["top"]] == ["sm90_gemm_kernel", "triton_poi_fused_mul"]
+    assert profile["top"][0]["share_pct"] == 75.0
+    # The host's table (what _profiled adds on a GPU) ranks the CPU side: kernels take none.
+    host = top_operations(events, cuda=False)
+    assert [r["op"] for r in host["top"]] == ["aten::mm"] and host["total_ms"] == 0.005
+
+
 def test_profile_calls_count_only_operations_with_time():
     from compress.evaluate.profile import top_operations
 
-    def event(key, us, count):
-        return SimpleNamespace(key=key, device_type="DeviceType.CUDA", count=count,
-                               self_device_time_total=us, self_cpu_time_total=0.0)
-
-    profile = top_operations([event("gemm", 300.0, 2), event("idle_marker", 0.0, 50)], cuda=True)
+    events = [_profiler_event("gemm", "CUDA", 300.0, 2),
+              _profiler_event("idle_marker", "CUDA", 0.0, 50)]
+    profile = top_operations(events, cuda=True)
     assert profile["calls"] == 2 and [r["op"] for r in profile["top"]] == ["gemm"]
 
 

@@ -132,12 +132,9 @@ def test_overwrite_leaves_no_old_copy_beside_the_output(tiny, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 
 
-def test_a_biased_reshaped_linear_reloads_exactly(tokens, tmp_path):
+def test_a_biased_reshaped_linear_reloads_exactly(tiny, tokens, tmp_path):
     from torch import nn
 
-    from compress.sources import load_random
-
-    tiny = load_random("tiny")
     mlp = tiny.model.model.layers[0].mlp
     width = mlp.down_proj.in_features // 2   # what channel pruning with per-layer widths leaves
     torch.manual_seed(0)

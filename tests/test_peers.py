@@ -84,13 +84,12 @@ def test_torchao_int4_asks_for_tinygemm_packing_where_the_option_exists():
     assert peers.torchao_int4_options(Before014) == {}
 
 
-def test_hf_rows_run_on_the_static_cache_each_row_needs(monkeypatch):
+def test_hf_rows_run_on_the_static_cache_each_row_needs(tiny_model, monkeypatch):
     """transformers keeps the longest static cache it allocated as a floor for later calls:
     without a reset the decode rows would attend over the longest prefill's slots."""
     from transformers import StaticCache
 
     from compress.evaluate.bench import BenchConfig
-    from compress.sources import load_random
 
     lengths = []
     init = StaticCache.__init__
@@ -100,7 +99,7 @@ def test_hf_rows_run_on_the_static_cache_each_row_needs(monkeypatch):
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(StaticCache, "__init__", spy)
-    model = load_random("tiny").model.eval()
+    model = tiny_model.eval()
     cfg = BenchConfig(batches=(1,), prompt=16, new=4, prefill=((1, 200), (2, 50)), warmup=0,
                       repeats=1)
     peers.bench_hf_generate(model, cfg, "cpu", {}, compile_auto=False)
@@ -109,15 +108,15 @@ def test_hf_rows_run_on_the_static_cache_each_row_needs(monkeypatch):
     assert lengths == [200, 50, 20, 20]
 
 
-def test_hf_decode_slower_than_noise_has_no_figure_rather_than_a_clamped_one(monkeypatch):
+def test_hf_decode_slower_than_noise_has_no_figure_rather_than_a_clamped_one(tiny_model,
+                                                                             monkeypatch):
     from compress.evaluate.bench import BenchConfig
     from compress.evaluate.bench_run import markdown, print_table
-    from compress.sources import load_random
 
     times = iter([0.010, 0.030, 0.020])   # prefill; decode generate(1), generate(new + 1)
     monkeypatch.setattr(peers, "time_it", lambda *args: {"median_s": next(times)})
     cfg = BenchConfig(batches=(1,), prompt=16, new=4, prefill=((1, 16),), warmup=0, repeats=1)
-    row = peers.bench_hf_generate(load_random("tiny").model.eval(), cfg, "cpu", {}, False)
+    row = peers.bench_hf_generate(tiny_model.eval(), cfg, "cpu", {}, False)
     (decode,) = row["decode"]
     assert decode["ms_per_token"] is None and decode["tokens_per_s"] is None
     assert "no decode time to report" in decode["note"]
@@ -133,16 +132,14 @@ def test_hf_decode_slower_than_noise_has_no_figure_rather_than_a_clamped_one(mon
     assert "| hf-eager | 1 | - | - |" in markdown(doc)
 
 
-def test_hf_peer_figures_follow_from_its_generate_times(monkeypatch):
-    from compress.evaluate import peers
+def test_hf_peer_figures_follow_from_its_generate_times(tiny_model, monkeypatch):
     from compress.evaluate.bench import BenchConfig
-    from compress.sources import load_random
 
     # prefill 2x16: generate(1) 10 ms; decode at batch 2: generate(1) 20 ms, generate(5) 60 ms
     times = iter([0.010, 0.020, 0.060])
     monkeypatch.setattr(peers, "time_it", lambda *args: {"median_s": next(times)})
     cfg = BenchConfig(batches=(2,), prompt=16, new=4, prefill=((2, 16),), warmup=0, repeats=1)
-    row = peers.bench_hf_generate(load_random("tiny").model.eval(), cfg, "cpu", {}, False)
+    row = peers.bench_hf_generate(tiny_model.eval(), cfg, "cpu", {}, False)
     (prefill,), (decode,) = row["prefill"], row["decode"]
     assert prefill["ttft_ms"] == pytest.approx(10.0)
     assert prefill["tokens_per_s"] == pytest.approx(2 * 16 / 0.010)
