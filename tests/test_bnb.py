@@ -171,18 +171,16 @@ def test_bnb_4bit_blocksize_reaches_the_layers(tiny_model):
     assert layers and all(m.group_size == 128 for m in layers)
 
 
-@pytest.mark.parametrize("method,fields,key,value", [
-    ("bnb-int8", {"threshold": 2.0}, "threshold", 2.0),
-    ("bnb-int8", {"threshold": 0.0}, "threshold", 0.0),
-    ("bnb-nf4", {"compute_dtype": "bfloat16"}, "compute_dtype", "bfloat16"),
-])
-def test_bnb_options_survive_a_checkpoint(tiny, tokens, tmp_path, method, fields, key, value):
+@pytest.mark.parametrize("method,fields", [("bnb-int8", {"threshold": 2.0}),
+                                           ("bnb-int8", {"threshold": 0.0}),
+                                           ("bnb-nf4", {"compute_dtype": "bfloat16"})])
+def test_bnb_options_survive_a_checkpoint(tiny, tokens, tmp_path, method, fields):
+    (key, value), = fields.items()
     model = apply_pass(tiny.model, method, **fields)
     save_checkpoint(model, tiny.tokenizer, str(tmp_path / "q"), None, {})
     meta = json.loads((tmp_path / "q" / "compress.json").read_text())
     assert meta["modules"]["model.layers.1.mlp.down_proj"][key] == value
     reloaded = load_checkpoint(str(tmp_path / "q")).model
     assert getattr(reloaded.model.layers[1].mlp.down_proj, key) == value
-    x = tokens * 0 + torch.arange(64)[None] % 200 + 1
     with torch.no_grad():
-        assert torch.equal(model(x).logits, reloaded(x).logits)
+        assert torch.equal(model(tokens).logits, reloaded(tokens).logits)
