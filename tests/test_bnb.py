@@ -1,7 +1,6 @@
 """bitsandbytes formats: LLM.int8 against its plain-torch reference, NF4/FP4 on their code books,
 double quantization, exact save/reload, and config errors."""
 import copy
-import json
 
 import pytest
 import torch
@@ -9,13 +8,13 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-from compress.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from compress.errors import UserError  # noqa: E402
 from compress.formats.bnb import BnbInt8Linear, BnbNF4Linear, llm_int8_reference  # noqa: E402
 from compress.passes import build_config, pass_table  # noqa: E402
 from compress.recipe import apply_recipe, recipe_from_dict  # noqa: E402
 
 from apply_pass import apply_pass  # noqa: E402
+from reload_exactly import reload_exactly  # noqa: E402
 
 
 def _linear(in_features=256, out_features=128):
@@ -90,14 +89,10 @@ def test_double_quant_stores_8bit_absmax_and_stays_close():
                                            ("bnb-fp4", {"blocksize": 32})])
 def test_bnb_checkpoint_reloads_bit_identical(tiny, tokens, tmp_path, method, fields):
     model = apply_pass(tiny.model, method, **fields)
-    save_checkpoint(model, tiny.tokenizer, str(tmp_path / method), {"name": method},
-                    tiny.provenance)
-    reloaded = load_checkpoint(str(tmp_path / method)).model
+    reloaded, _ = reload_exactly(model, tokens, tmp_path / method)
     original_layer = model.model.layers[1].mlp.down_proj
     layer = reloaded.model.layers[1].mlp.down_proj
     assert type(layer) is type(original_layer) and layer.spec() == original_layer.spec()
-    with torch.no_grad():
-        assert torch.equal(model(tokens).logits, reloaded(tokens).logits)
 
 
 @pytest.mark.parametrize("method,fields,message", [
@@ -176,11 +171,7 @@ def test_bnb_4bit_blocksize_reaches_the_layers(tiny_model):
                                            ("bnb-nf4", {"compute_dtype": "bfloat16"})])
 def test_bnb_options_survive_a_checkpoint(tiny, tokens, tmp_path, method, fields):
     (key, value), = fields.items()
-    model = apply_pass(tiny.model, method, **fields)
-    save_checkpoint(model, tiny.tokenizer, str(tmp_path / "q"), None, {})
-    meta = json.loads((tmp_path / "q" / "compress.json").read_text())
+    reloaded, meta = reload_exactly(apply_pass(tiny.model, method, **fields), tokens,
+                                    tmp_path / "q")
     assert meta["modules"]["model.layers.1.mlp.down_proj"][key] == value
-    reloaded = load_checkpoint(str(tmp_path / "q")).model
     assert getattr(reloaded.model.layers[1].mlp.down_proj, key) == value
-    with torch.no_grad():
-        assert torch.equal(model(tokens).logits, reloaded(tokens).logits)

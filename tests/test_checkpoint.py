@@ -10,22 +10,15 @@ from compress.errors import UserError
 from compress.passes import pass_table
 from compress.quant.rtn import RTNConfig, rtn
 
+from reload_exactly import reload_exactly
+
 
 @pytest.mark.parametrize("config", [RTNConfig(bits=8), RTNConfig(bits=4, group_size=32),
                                     RTNConfig(bits=4, group_size=64, symmetric=False)])
 def test_reload_gives_bit_identical_logits(tiny, tokens, tmp_path, config):
-    model = rtn(tiny.model, config)
-    with torch.no_grad():
-        before = model(tokens).logits
-    out = tmp_path / "ckpt"
-    save_checkpoint(model, tiny.tokenizer, str(out), {"name": "t"}, tiny.provenance)
-    reloaded = load_checkpoint(str(out))
-    with torch.no_grad():
-        after = reloaded.model(tokens).logits
-    assert torch.equal(before, after)
+    reloaded, _ = reload_exactly(rtn(tiny.model, config), tokens, tmp_path / "ckpt")
     # Tied embeddings stay tied after reload.
-    m = reloaded.model
-    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
@@ -102,13 +95,9 @@ def test_a_bfloat16_checkpoint_records_and_reloads_in_bfloat16(tokens, tmp_path)
 
     tiny = load_model("random:tiny", dtype=torch.bfloat16)  # not .to(): that casts RoPE's inv_freq
     model = rtn(tiny.model, RTNConfig(bits=4, group_size=32))
-    save_checkpoint(model, tiny.tokenizer, str(tmp_path / "ck"), {"name": "t"}, tiny.provenance)
-    meta = json.loads((tmp_path / "ck" / "compress.json").read_text())
+    reloaded, meta = reload_exactly(model, tokens, tmp_path / "ck")
     assert meta["dtype"] == "bfloat16"
-    reloaded = load_checkpoint(str(tmp_path / "ck")).model
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
-    with torch.no_grad():
-        assert torch.equal(model(tokens).logits, reloaded(tokens).logits)
 
 
 def test_compress_json_keeps_recipe_and_provenance(tiny, tmp_path, monkeypatch):
@@ -141,8 +130,5 @@ def test_a_biased_reshaped_linear_reloads_exactly(tiny, tokens, tmp_path):
     mlp.gate_proj = nn.Linear(mlp.gate_proj.in_features, width, bias=True)
     mlp.up_proj = nn.Linear(mlp.up_proj.in_features, width, bias=True)
     mlp.down_proj = nn.Linear(width, mlp.down_proj.out_features, bias=True)
-    save_checkpoint(tiny.model, tiny.tokenizer, str(tmp_path / "ck"), None, {})
-    reloaded = load_checkpoint(str(tmp_path / "ck")).model
+    reloaded, _ = reload_exactly(tiny.model, tokens, tmp_path / "ck")
     assert reloaded.model.layers[0].mlp.down_proj.bias is not None
-    with torch.no_grad():
-        assert torch.equal(tiny.model(tokens).logits, reloaded(tokens).logits)

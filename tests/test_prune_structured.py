@@ -1,35 +1,22 @@
 """Structured pruning really shrinks tiny models, which save, reload and keep their logits."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from compress.adapters import adapter_for, cache_argument
-from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.errors import UserError
 from compress.passes import build_config, pass_table
 from compress.prune import shrink
 
 from apply_pass import apply_pass
+from reload_exactly import reload_exactly
 
 
 def _logits(model, tokens):
     with torch.no_grad():
         return model(tokens).logits
-
-
-def _roundtrip(model, tokens, tmp_path, stock: bool):
-    """Saved and reloaded (compress always; stock transformers when shapes are uniform)."""
-    before = _logits(model, tokens)
-    save_checkpoint(model, None, str(tmp_path / "ck"), None, {})
-    assert torch.equal(_logits(load_checkpoint(str(tmp_path / "ck")).model, tokens), before)
-    if stock:
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck"))
-        assert torch.equal(_logits(reloaded, tokens), before)
-    return json.loads((tmp_path / "ck" / "compress.json").read_text())
 
 
 def test_mlp_channels_shrink_reload_and_stock_load(tiny_model, tokens, tmp_path):
@@ -41,7 +28,7 @@ def test_mlp_channels_shrink_reload_and_stock_load(tiny_model, tokens, tmp_path)
     assert model.config.intermediate_size == 144
     report = model.compress_report["structured"]
     assert report["parameters_before"] - report["parameters_after"] == 2 * 3 * 48 * 64
-    meta = _roundtrip(model, tokens, tmp_path, stock=True)
+    _, meta = reload_exactly(model, tokens, tmp_path / "ck", stock=True)
     assert "shapes" not in meta
 
 
@@ -49,7 +36,7 @@ def test_mlp_channels_global_scope_per_layer_shapes_reload(tiny_model, tokens, t
     model = apply_pass(tiny_model, "mlp-channels", tokens, ratio=0.25, scope="global")
     widths = model.compress_report["structured"]["intermediate_per_layer"]
     assert sum(widths) == 2 * 144 and len(set(widths)) == 2   # same total, different widths
-    meta = _roundtrip(model, tokens, tmp_path, stock=False)
+    _, meta = reload_exactly(model, tokens, tmp_path / "ck")
     narrow = widths.index(min(widths))
     assert meta["shapes"][f"model.layers.{narrow}.mlp.down_proj"] == [64, min(widths), False]
 
@@ -62,7 +49,7 @@ def test_heads_shrink_and_reload(tiny_model, tokens, tmp_path, mode, heads, kv):
     attention = a.layers(model)[0].get_submodule(a.attention)
     assert attention.get_submodule(a.q).weight.shape == (heads * 16, 64)
     assert attention.get_submodule(a.k).weight.shape == (kv * 16, 64)
-    _roundtrip(model, tokens, tmp_path, stock=True)
+    reload_exactly(model, tokens, tmp_path / "ck", stock=True)
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
@@ -120,7 +107,7 @@ def test_drop_layers_renumbers_kv_cache_and_reloads(tokens, tmp_path):
         assert len(cache.layers) == 2
         step = model(tokens[:1, -1:], use_cache=True, **kv).logits[0, -1]
     assert torch.allclose(full, step, atol=1e-4)
-    _roundtrip(model, tokens, tmp_path, stock=True)
+    reload_exactly(model, tokens, tmp_path / "ck", stock=True)
 
 
 def test_the_layer_that_changes_the_hidden_state_least_is_dropped(tokens):
@@ -236,7 +223,7 @@ def test_dropping_the_widest_layer_leaves_a_config_that_builds_the_kept_layers(t
     widths = model.compress_report["structured"]["intermediate_per_layer"]
     drop_layers(model, [widths.index(max(widths))])
     assert model.config.intermediate_size == min(widths)
-    meta = _roundtrip(model, tokens, tmp_path, stock=True)
+    _, meta = reload_exactly(model, tokens, tmp_path / "ck", stock=True)
     assert "shapes" not in meta
 
 

@@ -9,7 +9,6 @@ from torch import nn
 
 from compress.adapters import adapter_for
 from compress.calibration import CalibrationData, collect_linear_inputs, run_layerwise
-from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.cli import main
 from compress.errors import UserError
 from compress.formats.w8a8 import (CUDA_MIN_ROWS, W8A8Linear, fake_quantize_rows, int_mm_padded,
@@ -17,6 +16,8 @@ from compress.formats.w8a8 import (CUDA_MIN_ROWS, W8A8Linear, fake_quantize_rows
 from compress.passes import build_config, pass_table
 from compress.quant.smoothquant import (SmoothQuantConfig, quantize_layer, smooth_layer,
                                         smoothing_scales, smoothquant, update_channel_absmax)
+
+from reload_exactly import reload_exactly
 
 
 def _linear(in_features=256, out_features=96, seed=0):
@@ -157,12 +158,9 @@ def test_smoothing_lowers_w8a8_error_when_activations_have_outliers(tiny_model, 
 
 def test_w8a8_checkpoint_reloads_bit_identical(tiny, tokens, tmp_path):
     model = smoothquant(tiny.model, SmoothQuantConfig(), CalibrationData(tokens[:2], batch_size=2))
-    save_checkpoint(model, tiny.tokenizer, str(tmp_path / "sq"), {"name": "sq"}, tiny.provenance)
-    reloaded = load_checkpoint(str(tmp_path / "sq")).model
+    reloaded, _ = reload_exactly(model, tokens, tmp_path / "sq")
     layer = reloaded.model.layers[0].self_attn.q_proj
     assert isinstance(layer, W8A8Linear) and layer.qweight.dtype == torch.int8
-    with torch.no_grad():
-        assert torch.equal(model(tokens).logits, reloaded(tokens).logits)
 
 
 def test_alpha_out_of_range_is_a_user_error():
