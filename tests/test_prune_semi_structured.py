@@ -151,14 +151,10 @@ def test_only_models_whose_every_linear_is_2of4_count_as_2of4(tiny_model, tokens
 
 @pytest.mark.gpu
 def test_bench_times_a_2of4_model_with_semi_structured_kernels(tokens):
-    from compress.calibration import CalibrationData
     from compress.evaluate.bench import BenchConfig, bench_engine, measure_ceilings
-    from compress.passes import build_config, pass_table
     from compress.sources import load_random
 
-    spec = pass_table()["magnitude"]
-    model = spec.apply(load_random("smollm2-135m", torch.bfloat16, device="cuda").model,
-                       build_config(spec, {"pattern": "2:4"}), CalibrationData(tokens))
+    model = _pruned_model(load_random("smollm2-135m", torch.bfloat16, device="cuda").model, tokens)
     cfg = BenchConfig(batches=(1,), prompt=16, new=4, prefill=((1, 64),), warmup=0, repeats=1,
                       semi_structured=True)
     row = bench_engine(model, cfg, "cuda", "2:4", measure_ceilings(cfg, "cuda", torch.bfloat16))
@@ -184,13 +180,9 @@ def test_semi_structured_linear_matches_dense(dtype):
 
 @pytest.mark.gpu
 def test_materialize_2of4_model_keeps_its_logits(tokens):
-    from compress.calibration import CalibrationData
-    from compress.passes import build_config, pass_table
     from compress.sources import load_random
 
-    spec = pass_table()["magnitude"]
-    model = spec.apply(load_random("smollm2-135m", torch.float16, device="cuda").model,
-                       build_config(spec, {"pattern": "2:4"}), CalibrationData(tokens))
+    model = _pruned_model(load_random("smollm2-135m", torch.float16, device="cuda").model, tokens)
     with torch.no_grad():
         before = model(tokens.cuda()).logits.float()
         names = materialize_2of4(model)
